@@ -1,0 +1,10 @@
+"""raytorch: data-parallel PyTorch training orchestrated by Ray.
+
+N replicas compute the same training run as one process, to float tolerance, whatever N is.
+"""
+
+from .config import TrainConfig
+from .driver import Trainer, TrainResult
+from .errors import ClusterError, ConfigError, RaytorchError, ReplicaError
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "RaytorchError", "ConfigError", "ClusterError", "ReplicaError"]

@@ -1,0 +1,74 @@
+"""The built-in models, datasets and losses the CLI can name. Plain PyTorch: no Ray, no devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ArrayDataset
+
+
+def linear(in_features: int = 1, out_features: int = 1) -> nn.Module:
+    """y = w x + b: the seed note's model for 1 -> 1."""
+    return nn.Linear(in_features, out_features)
+
+
+def mlp(in_features: int = 1, out_features: int = 1, hidden: int = 64) -> nn.Module:
+    """Two hidden ReLU layers."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, out_features),
+    )
+
+
+def linear_data(size: int, seed: int) -> ArrayDataset:
+    """The seed note's data: integer x drawn from [0, 100), y = 2x + 1."""
+    x = np.random.default_rng(seed).integers(0, 100, size=(size, 1)).astype(np.float32)
+    return ArrayDataset(x, 2 * x + 1)
+
+
+def classification_data(size: int, seed: int, features: int = 16, classes: int = 4) -> ArrayDataset:
+    """Gaussian inputs labelled by a fixed random linear teacher (same teacher for every seed)."""
+    teacher = np.random.default_rng(12345).normal(size=(features, classes))
+    x = np.random.default_rng(seed).normal(size=(size, features)).astype(np.float32)
+    return ArrayDataset(x, (x @ teacher).argmax(axis=1).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in dataset with the loss and the input/output widths that fit it."""
+
+    train: Callable[[int], ArrayDataset]
+    eval: Callable[[int], ArrayDataset]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    in_features: int
+    out_features: int
+
+
+# Separate streams for train and eval data: seed and seed + 1_000_003.
+_EVAL_SEED_OFFSET = 1_000_003
+
+DATASETS: dict[str, Task] = {
+    "linear": Task(
+        train=lambda seed: linear_data(10_000, seed),
+        eval=lambda seed: linear_data(100, seed + _EVAL_SEED_OFFSET),
+        loss=F.mse_loss,
+        in_features=1,
+        out_features=1,
+    ),
+    "classification": Task(
+        train=lambda seed: classification_data(4_096, seed),
+        eval=lambda seed: classification_data(512, seed + _EVAL_SEED_OFFSET),
+        loss=F.cross_entropy,
+        in_features=16,
+        out_features=4,
+    ),
+}
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"linear": linear, "mlp": mlp}

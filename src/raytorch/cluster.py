@@ -1,0 +1,121 @@
+"""Starting or joining Ray: a local instance kept on 127.0.0.1, or an existing cluster."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import ray
+
+from .errors import ClusterError
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Session:
+    """The Ray instance a run uses."""
+
+    gcs_address: str
+    dashboard_url: Optional[str]
+    started_here: bool
+
+
+def keep_on_loopback() -> None:
+    """Make this process and the Ray processes it starts bind 127.0.0.1, not the host's address.
+
+    Ray reads the variable once, at import, and otherwise resolves 127.0.0.1 to the machine's
+    outward address; Ray's children read it from the environment we pass on.
+    """
+    os.environ[LOOPBACK_ENV] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """The cluster to join as host:port (or ray://host:port), or None for a new local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        return None
+    if address == "auto":
+        from ray._private.utils import read_ray_address
+
+        found = read_ray_address()
+        if not found:
+            raise ClusterError("address 'auto': no running Ray cluster found on this machine; "
+                               "start one with `ray start --head`, or drop --address to run on a local Ray")
+        return found
+    return address
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Split 'host:port' or 'ray://host:port'."""
+    bare = address.split("://", 1)[-1]
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"address {address!r} is not host:port; e.g. --address 127.0.0.1:6379 or --address auto")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> Iterator[Session]:
+    """Use the Ray this process already holds, join `address`, or start a local Ray on 127.0.0.1.
+
+    Ray started or joined here is shut down (or disconnected) on exit.
+    """
+    if ray.is_initialized():
+        yield _describe(started_here=False)
+        return
+    target = resolve_address(address)
+    if target is None:
+        keep_on_loopback()
+        _init(job_name, include_dashboard=True, dashboard_host="127.0.0.1")
+        session = _describe(started_here=True)
+        if not session.gcs_address.startswith("127.0.0.1:"):
+            ray.shutdown()
+            raise ClusterError(f"local Ray came up on {session.gcs_address}, not 127.0.0.1; refusing to run off loopback")
+    else:
+        host, port = host_port(target)
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ClusterError(f"cannot reach a Ray cluster at {target} ({e.strerror or e}); check --address / "
+                               f"RAY_ADDRESS, start one with `ray start --head`, or drop --address for a local Ray") from e
+        if is_loopback(host):
+            keep_on_loopback()
+        _init(job_name, address=target)
+        session = _describe(started_here=False)
+    try:
+        yield session
+    finally:
+        ray.shutdown()
+
+
+def _init(job_name: str, **kwargs) -> None:
+    try:
+        ray.init(logging_level=logging.WARNING,
+                 job_config=ray.job_config.JobConfig(metadata={"job_name": job_name}), **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"Ray did not start or connect: {e}") from e
+
+
+def _describe(started_here: bool) -> Session:
+    context = ray.get_runtime_context()
+    url = ray._private.worker.get_dashboard_url()
+    return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here)

@@ -1,0 +1,187 @@
+"""TrainConfig: every knob of a run, with a docstring per field and all validation in one place."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["constant", "cosine"]
+DeviceName = Literal["cpu", "cuda"]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run. The defaults reproduce the seed note's job on 2 replicas."""
+
+    workers: int = 2
+    """Number of Replica actors; each trains on its part of every global batch."""
+
+    epochs: int = 10
+    """Passes over the training set."""
+
+    batch_size: int = 100
+    """Global batch size: samples per optimizer step, summed over all replicas."""
+
+    lr: float = 0.5
+    """Peak learning rate of the optimizer."""
+
+    optimizer: OptimizerName = "adam"
+    """torch.optim optimizer, with its default hyper-parameters except lr."""
+
+    lr_schedule: ScheduleName = "cosine"
+    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'constant' keeps it."""
+
+    seed: int = 0
+    """Seeds the initial weights, the built-in data and the sample order of every epoch."""
+
+    shuffle: bool = True
+    """Draw a new sample order each epoch (a function of seed and epoch); off: dataset order."""
+
+    drop_last: bool = False
+    """Drop the last, partial global batch of each epoch."""
+
+    model: str = "linear"
+    """Built-in model for the CLI: 'linear' or 'mlp' (the Python API takes model_fn instead)."""
+
+    dataset: str = "linear"
+    """Built-in dataset for the CLI: 'linear' (y = 2x + 1) or 'classification'."""
+
+    device: DeviceName = "cpu"
+    """Where each replica computes: 'cpu', or 'cuda' (one GPU, or gpus_per_replica of one, each)."""
+
+    cpus_per_replica: float = 1.0
+    """CPUs Ray reserves for each replica; torch's intra-op threads follow it (at least 1)."""
+
+    gpus_per_replica: Optional[float] = None
+    """GPUs per replica with device 'cuda' (fractions share a GPU); default 1 for cuda, 0 for cpu."""
+
+    address: Optional[str] = None
+    """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""
+
+    resource_timeout: Optional[float] = None
+    """Seconds to wait for the cluster to make room for the replicas; default 0 (fail at once) unless an autoscaler can add nodes (then 300)."""
+
+    output_dir: Optional[str] = None
+    """Run directory for the resolved config and metrics.jsonl; nothing is written without it."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and what to do about it."""
+        _check_types(self)
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        if self.epochs < 1:
+            raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
+        if self.batch_size < self.workers:
+            raise ConfigError(
+                "batch_size",
+                f"{self.batch_size} is smaller than workers={self.workers}: every replica needs a sample; "
+                f"raise batch_size or lower workers",
+            )
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.cpus_per_replica < 0 or (self.device == "cpu" and self.cpus_per_replica == 0):
+            raise ConfigError("cpus_per_replica", f"must be > 0 for cpu replicas, got {self.cpus_per_replica}")
+        gpus = self.gpus_per_replica
+        if gpus is not None and self.device == "cpu" and gpus:
+            raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
+        if gpus is not None and self.device == "cuda" and (gpus <= 0 or (gpus > 1 and gpus % 1)):
+            raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
+        if self.resource_timeout is not None and self.resource_timeout < 0:
+            raise ConfigError("resource_timeout", f"must be >= 0 seconds, got {self.resource_timeout}")
+        from . import builtins  # here, not at the top: builtins imports torch, config must stay light
+
+        for field, known in (("model", builtins.MODELS), ("dataset", builtins.DATASETS)):
+            value = getattr(self, field)
+            if value not in known:
+                raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}")
+
+    @property
+    def replica_gpus(self) -> float:
+        """GPUs each replica reserves."""
+        if self.gpus_per_replica is not None:
+            return self.gpus_per_replica
+        return 1.0 if self.device == "cuda" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build a config from a mapping, rejecting keys that are not fields."""
+        if not isinstance(values, dict):
+            raise ConfigError(source, f"must be a mapping of field: value, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(source, f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Load a YAML file of field: value pairs; overrides (e.g. from CLI flags) win."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from e
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        return cls.from_dict({**(values or {}), **overrides}, source=f"config {path}")
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def field_choices(name: str, cls: type = TrainConfig) -> tuple | None:
+    """The allowed values of a Literal-typed field, or None."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _check_types(config: TrainConfig) -> None:
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        optional = type(None) in typing.get_args(hint)
+        if value is None and optional:
+            continue
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+        if typing.get_origin(base) is Literal:
+            if value not in typing.get_args(base):
+                choices = ", ".join(map(str, typing.get_args(base)))
+                raise ConfigError(name, f"unknown value {value!r}; choose one of {choices}")
+            continue
+        ok = {
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool),
+            bool: isinstance(value, bool),
+            str: isinstance(value, str),
+        }[base]
+        if not ok:
+            raise ConfigError(name, f"must be of type {base.__name__}, got {value!r} ({type(value).__name__})")
+        if base is float:
+            setattr(config, name, float(value))

@@ -1,0 +1,160 @@
+"""The driver: builds the starting point, runs the epoch loop, all-reduces through itself.
+
+    from raytorch import Trainer, TrainConfig
+    result = Trainer(TrainConfig(workers=2), model_fn=..., dataset_fn=..., loss_fn=...).fit()
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import ray
+import torch
+from torch import nn
+
+from .cluster import ray_session
+from .config import TrainConfig
+from .errors import ConfigError
+from .group import gather, replica_group
+from .reduce import batch_weights, weighted_mean
+from .report import RunDir, epoch_line, final_line, is_scalar_linear
+from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
+
+# Steps the driver submits ahead of the losses it has gathered: Ray's per-call latency then
+# overlaps with the replicas' compute instead of stalling every step.
+STEPS_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What fit() returns."""
+
+    epoch_losses: list[float]
+    """Mean train loss of each epoch, sample-weighted, computed before each step's update."""
+    eval_losses: list[float]
+    """Eval loss after each epoch (empty without an eval set)."""
+    model: nn.Module
+    """The trained model, on CPU."""
+    steps: int
+    samples: int
+    wall_time_s: float
+    replica_digests: list[str] = field(default_factory=list)
+    """SHA-256 of each replica's parameters at the end: all equal, or the replicas diverged."""
+
+    @property
+    def eval_loss(self) -> Optional[float]:
+        return self.eval_losses[-1] if self.eval_losses else None
+
+
+class Trainer:
+    """Data-parallel training of `model_fn()` on `dataset_fn()` over config.workers Ray replicas."""
+
+    def __init__(self, config: TrainConfig, *, model_fn: Callable[[], nn.Module], dataset_fn: Callable,
+                 loss_fn: Callable, eval_dataset_fn: Optional[Callable] = None, quiet: bool = False):
+        self.config, self.model_fn, self.loss_fn = config, model_fn, loss_fn
+        self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
+        self.quiet = quiet
+
+    def fit(self) -> TrainResult:
+        config = self.config
+        config.validate()
+        train_set = self.dataset_fn()
+        eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
+        steps = steps_per_epoch(len(train_set), config.batch_size, config.drop_last)
+        if steps == 0:
+            raise ConfigError("batch_size", f"{config.batch_size} exceeds the {len(train_set)} training samples "
+                                            f"with drop_last: no step would run; lower batch_size")
+        # The contract's starting point: model_fn() right after torch.manual_seed(seed).
+        torch.manual_seed(config.seed)
+        model = self.model_fn()
+        init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with ray_session(config.address, job_name=run_name) as session:
+            self._say(f"Ray at {session.gcs_address}" + (f", dashboard {session.dashboard_url}" if session.dashboard_url else ""))
+            with replica_group(
+                config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
+                init_state=ray.put(init_state), train_set=ray.put(train_set),
+                eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=steps * config.epochs,
+            ) as (replicas, infos):
+                for info in infos:
+                    self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}")
+                result = self._train(replicas, len(train_set), len(eval_set) if eval_set is not None else 0,
+                                     scalar_linear=is_scalar_linear(init_state))
+        model.load_state_dict(result.pop("state"))
+        return TrainResult(model=model, **result)
+
+    def _train(self, replicas: list, train_size: int, eval_size: int, scalar_linear: bool) -> dict:
+        """The epoch loop: split each batch, replicas compute, all-reduce, step, gather losses, log."""
+        config, workers = self.config, len(replicas)
+        run_dir = RunDir(config.output_dir) if config.output_dir else None
+        if run_dir:
+            run_dir.write_config(config)
+        epoch_losses, eval_losses = [], []
+        steps_done = samples_done = 0
+        started = time.perf_counter()
+        for epoch in range(config.epochs):
+            epoch_started = time.perf_counter()
+            pending: deque = deque()  # (loss refs, their sample counts), oldest first
+            losses, counts = [], []
+            reduced: tuple = ()  # the previous step's all-reduce: (weights, *gradient refs)
+            order = epoch_order(train_size, config.seed, epoch, config.shuffle)
+            for batch in global_batches(order, config.batch_size, config.drop_last):
+                # split the batch: contiguous near-equal parts, part r to replica r
+                parts = split_batch(batch, workers)
+                sizes = [len(p) for p in parts]
+                # replicas apply the previous all-reduced gradient, then compute their part's
+                calls = [r.step.remote(p.numpy(), *reduced) for r, p in zip(replicas, parts)]
+                # all-reduce through the driver: it routes every gradient (by reference) and its
+                # weight n_r / n to every replica, which sums them at its next call
+                active = [r for r, n in enumerate(sizes) if n]
+                reduced = (batch_weights([sizes[r] for r in active]), *(calls[r][0] for r in active))
+                # gather losses a few steps behind, so the driver never stalls the replicas
+                pending.append(([calls[r][1] for r in active], [sizes[r] for r in active]))
+                while len(pending) > STEPS_IN_FLIGHT:
+                    _collect(replicas, pending.popleft(), losses, counts)
+                steps_done += 1
+                samples_done += len(batch)
+            # step: every replica applies the epoch's last all-reduced gradient
+            gather(replicas, [r.apply.remote(*reduced) for r in replicas])
+            while pending:
+                _collect(replicas, pending.popleft(), losses, counts)
+            epoch_losses.append(weighted_mean(losses, counts))
+            # evaluate: each replica scores a contiguous part of the eval set
+            if eval_size:
+                eval_parts = split_batch(torch.arange(eval_size), workers)
+                scores = gather(replicas, [r.evaluate.remote(p.numpy(), config.batch_size)
+                                           for r, p in zip(replicas, eval_parts)])
+                eval_losses.append(weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts]))
+            # log: the seed's line, and a metrics record
+            state = gather(replicas, [replicas[0].state.remote()])[0] if scalar_linear else None
+            self._say(epoch_line(epoch, epoch_losses[-1], state, eval_losses[-1] if eval_losses else None))
+            if run_dir:
+                elapsed = time.perf_counter() - epoch_started
+                run_dir.log({"epoch": epoch, "loss": epoch_losses[-1],
+                             "eval_loss": eval_losses[-1] if eval_losses else None, "steps": steps_done,
+                             "samples": samples_done, "epoch_time_s": elapsed,
+                             "samples_per_s": sum(counts) / elapsed})
+        wall = time.perf_counter() - started
+        if eval_losses:
+            self._say(final_line(eval_losses[-1]))
+        digests = gather(replicas, [r.digest.remote() for r in replicas])
+        if len(set(digests)) != 1:
+            self._say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
+        state = gather(replicas, [replicas[0].state.remote()])[0]
+        return dict(epoch_losses=epoch_losses, eval_losses=eval_losses, steps=steps_done, samples=samples_done,
+                    wall_time_s=wall, replica_digests=digests, state=state)
+
+    def _say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def _collect(replicas: list, entry: tuple, losses: list, counts: list) -> None:
+    refs, sizes = entry
+    step_losses = gather(replicas, refs)
+    losses.append(weighted_mean(step_losses, sizes))
+    counts.append(sum(sizes))

@@ -1,0 +1,21 @@
+"""raytorch's own exceptions: what a user can cause, said in words that tell what to change."""
+
+
+class RaytorchError(Exception):
+    """Base of every error raytorch raises on purpose."""
+
+
+class ConfigError(RaytorchError, ValueError):
+    """A configuration value is invalid; the message names the field and what to do."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class ClusterError(RaytorchError):
+    """Ray cannot be reached, or the cluster cannot hold what the run asks for."""
+
+
+class ReplicaError(RaytorchError):
+    """A replica failed while training; the message names the replica and the step."""

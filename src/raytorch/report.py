@@ -1,0 +1,50 @@
+"""What a run tells its user: the seed note's console lines and the run directory's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+import yaml
+
+from .config import TrainConfig
+
+
+def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for a 1 -> 1 linear model: one weight and one bias of one element each."""
+    return (len(state) == 2 and all(t.numel() == 1 for t in state.values())
+            and sorted(k.rsplit(".", 1)[-1] for k in state) == ["bias", "weight"])
+
+
+def epoch_line(epoch: int, loss: float, state: Optional[Mapping[str, torch.Tensor]] = None,
+               eval_loss: Optional[float] = None) -> str:
+    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model, the eval loss for others."""
+    line = f"Epoch {epoch}: loss={loss:.6f}"
+    if state is not None and is_scalar_linear(state):
+        values = {k.rsplit(".", 1)[-1]: t.item() for k, t in state.items()}
+        return f"{line} (w={values['weight']:.3f}, b={values['bias']:.3f})"
+    if eval_loss is not None:
+        return f"{line} (eval loss={eval_loss:.6f})"
+    return line
+
+
+def final_line(eval_loss: float) -> str:
+    return f"Final loss is: {eval_loss:.6f}"
+
+
+class RunDir:
+    """The run directory: the resolved config (config.yaml) and metrics.jsonl, one object per epoch."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.path / "metrics.jsonl"
+
+    def write_config(self, config: TrainConfig) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def log(self, record: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
