@@ -85,7 +85,8 @@ def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> It
     target = resolve_address(address)
     if target is None:
         keep_on_loopback()
-        _init(job_name, include_dashboard=True, dashboard_host="127.0.0.1")
+        # "local": a new instance even where `ray start` left a cluster running on this machine.
+        _init(job_name, address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         session = _describe(started_here=True)
         if not session.gcs_address.startswith("127.0.0.1:"):
             ray.shutdown()

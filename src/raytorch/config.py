@@ -143,7 +143,11 @@ class TrainConfig:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError("config", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        return cls.from_dict({**(values or {}), **overrides}, source=f"config {path}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError("config", f"{path} must be a mapping of field: value, got a {type(values).__name__}")
+        return cls.from_dict({**values, **overrides}, source=f"config {path}")
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:

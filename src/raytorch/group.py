@@ -56,7 +56,11 @@ def gather(actors: Sequence, refs: Sequence, timeout: float | None = None) -> li
             raise ReplicaError(str(cause)) from e
         raise ReplicaError(f"a replica failed: {type(cause).__name__}: {cause}") from e
     except RayActorError as e:
-        raise ReplicaError(f"{_name(actors, e)} died: {_first_line(e)}") from e
+        reason = _first_line(e)
+        if "No module named" in reason:
+            reason += (" (the module defining your model, dataset or loss must be importable on every node: "
+                       "install it there, or submit with `ray job submit --working-dir .`)")
+        raise ReplicaError(f"{_name(actors, e)} died: {reason}") from e
     except GetTimeoutError as e:
         raise ReplicaError(f"replicas did not answer within {timeout:g} s") from e
 

@@ -1,0 +1,100 @@
+"""The driver script end to end, and bad input: one line, non-zero exit, before any work is lost."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytorch import ClusterError, TrainConfig, Trainer
+from raytorch.builtins import linear, linear_data
+from raytorch.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HANG_GUARD_S = 240  # a guard against hangs, not a timing assertion
+
+
+def run_script(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def test_default_job_reproduces_the_seed_note():
+    proc = run_script()
+    assert proc.returncode == 0, proc.stderr
+    epochs = re.findall(r"^Epoch (\d+): loss=([\d.]+) \(w=([-\d.]+), b=([-\d.]+)\)$", proc.stdout, re.M)
+    assert [int(e[0]) for e in epochs] == list(range(10))
+    w, b = float(epochs[-1][2]), float(epochs[-1][3])
+    assert abs(w - 2) < 0.01 and abs(b - 1) < 0.05, proc.stdout
+    final = re.search(r"^Final loss is: ([\d.]+)$", proc.stdout, re.M)
+    assert final and float(final.group(1)) < 0.01
+    assert re.search(r"^Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)  # the local Ray stayed on loopback
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--workers", "0"], "workers"),
+    (["--batch-size", "1"], "batch_size"),
+    (["--lr", "0"], "lr"),
+    (["--optimizer", "rmsprop"], "optimizer"),
+    (["--model", "resnet"], "model"),
+    (["--dataset", "imagenet"], "dataset"),
+])
+def test_bad_flags_get_one_line_naming_the_field(capsys, args, field):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raytorch: error: {field}: ") and "\n" not in err
+
+
+def test_bad_config_file(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key(s) learning_rate" in err and "\n" not in err
+
+
+def test_unknown_command(capsys):
+    assert main(["fit"]) == 2
+    assert "raytorch train" in capsys.readouterr().err
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_fails_fast():
+    proc = run_script("--address", f"127.0.0.1:{_closed_port()}")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raytorch: error: cannot reach a Ray cluster at 127.0.0.1:")
+
+
+def test_more_workers_than_the_cluster_holds(ray_local):
+    config = TrainConfig(workers=64, batch_size=64, resource_timeout=0)
+    with pytest.raises(ClusterError, match=r"64 replicas of 1 CPU each cannot fit: the cluster has 1 node\(s\) "
+                                           r"with 4 CPU and 0 GPU in all \(room for 4\)"):
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
+    # and nothing is left reserved: a normal run still fits
+    result = Trainer(TrainConfig(workers=4, epochs=1, batch_size=8), model_fn=linear,
+                     dataset_fn=lambda: linear_data(16, 0), loss_fn=__import__("torch").nn.functional.mse_loss,
+                     quiet=True).fit()
+    assert result.steps == 2
+
+
+def test_more_gpus_than_the_cluster_holds(ray_local):
+    config = TrainConfig(workers=2, batch_size=2, device="cuda")
+    with pytest.raises(ClusterError, match="1 CPU, 1 GPU each cannot fit"):
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
+
+
+def test_batch_larger_than_dataset_with_drop_last(ray_local):
+    from raytorch import ConfigError
+
+    config = TrainConfig(workers=2, batch_size=50, drop_last=True)
+    with pytest.raises(ConfigError, match="batch_size: 50 exceeds the 10 training samples"):
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()

@@ -1,0 +1,87 @@
+"""TrainConfig validation, YAML loading and the generated CLI: every bad input gets its error."""
+
+import dataclasses
+
+import pytest
+
+from raytorch import ConfigError, TrainConfig
+from raytorch.cli import build_parser, parse_config
+from raytorch.config import field_docs
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"workers": 0}, "workers"),
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 1, "workers": 2}, "batch_size"),
+    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"model": "resnet"}, "model"),
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"device": "tpu"}, "device"),
+    ({"workers": "2"}, "workers"),
+    ({"shuffle": "yes"}, "shuffle"),
+    ({"gpus_per_replica": 1.0}, "gpus_per_replica"),
+    ({"device": "cuda", "gpus_per_replica": 1.5}, "gpus_per_replica"),
+    ({"cpus_per_replica": 0}, "cpus_per_replica"),
+    ({"resource_timeout": -1}, "resource_timeout"),
+])
+def test_invalid_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**changes)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_are_valid_and_ints_become_floats():
+    config = TrainConfig(lr=1)
+    assert isinstance(config.lr, float)
+    assert config.replica_gpus == 0.0
+    assert TrainConfig(device="cuda").replica_gpus == 1.0
+    assert TrainConfig(device="cuda", gpus_per_replica=0.25).replica_gpus == 0.25
+
+
+def test_every_field_has_a_docstring_and_a_flag():
+    docs = field_docs()
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert all(docs.get(name) for name in fields), set(fields) - set(docs)
+    help_text = build_parser().format_help()
+    for name in fields:
+        assert "--" + name.replace("_", "-") in help_text
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("workers: 3\nbatch_size: 30\noptimizer: sgd\n")
+    config = parse_config(["--config", str(path), "--batch-size", "60", "--no-shuffle"])
+    assert (config.workers, config.batch_size, config.optimizer, config.shuffle) == (3, 60, "sgd", False)
+
+
+def test_yaml_round_trips(tmp_path):
+    config = TrainConfig(workers=3, lr=0.1, output_dir="x")
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert TrainConfig.from_yaml(path) == config
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("workers: [1, 2\n", "not valid YAML"),
+    ("wrokers: 2\n", "unknown key(s) wrokers"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("workers: two\n", "workers: must be of type int"),
+])
+def test_bad_config_files(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        TrainConfig.from_yaml(path)
+    assert needle in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")

@@ -1,0 +1,88 @@
+"""The training contract: W replicas train exactly what one plain PyTorch process trains."""
+
+import json
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from raytorch import TrainConfig, Trainer
+from raytorch.builtins import classification_data, linear, linear_data, mlp
+
+from reference import assert_same_parameters, train_reference
+
+# Sizes chosen so the dataset is a multiple of neither B nor W, and (linear, W=3) the last
+# global batch has 2 samples: one replica sits that step out.
+CASES = {
+    "linear": dict(model_fn=partial(linear, 1, 1), data=partial(linear_data, 130, 3), loss_fn=F.mse_loss,
+                   batch_size=32, lr={"sgd": 1e-4, "adam": 0.05}),
+    "mlp": dict(model_fn=partial(mlp, 16, 4, 32), data=partial(classification_data, 302, 3), loss_fn=F.cross_entropy,
+                batch_size=64, lr={"sgd": 0.1, "adam": 0.01}),
+}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("case", ["linear", "mlp"])
+def test_replicas_train_what_one_process_trains(ray_local, case, optimizer, workers):
+    c = CASES[case]
+    config = TrainConfig(workers=workers, epochs=3, batch_size=c["batch_size"], lr=c["lr"][optimizer],
+                         optimizer=optimizer, lr_schedule="cosine", seed=11)
+    result = Trainer(config, model_fn=c["model_fn"], dataset_fn=c["data"], loss_fn=c["loss_fn"], quiet=True).fit()
+    expected, expected_losses = train_reference(c["model_fn"], c["data"](), c["loss_fn"], seed=11, epochs=3,
+                                                batch_size=c["batch_size"], lr=c["lr"][optimizer],
+                                                optimizer=optimizer, lr_schedule="cosine")
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(expected_losses, rel=1e-5)
+    # every replica holds the same bits
+    assert len(result.replica_digests) == workers and len(set(result.replica_digests)) == 1
+    assert result.steps == 3 * -(-len(c["data"]()) // c["batch_size"])
+
+
+def test_no_shuffle_and_drop_last(ray_local):
+    data = partial(linear_data, 100, 5)
+    config = TrainConfig(workers=3, epochs=2, batch_size=30, lr=1e-4, optimizer="sgd", lr_schedule="constant",
+                         shuffle=False, drop_last=True)
+    result = Trainer(config, model_fn=linear, dataset_fn=data, loss_fn=F.mse_loss, quiet=True).fit()
+    expected, _ = train_reference(linear, data(), F.mse_loss, seed=0, epochs=2, batch_size=30, lr=1e-4,
+                                  optimizer="sgd", shuffle=False, drop_last=True)
+    assert_same_parameters(result.model, expected)
+    assert result.steps == 2 * 3 and result.samples == 2 * 90
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """A user's dataset of torch tensors, fetched sample by sample (no raytorch type)."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(2)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_bring_your_own_model_and_dataset_with_eval(ray_local, tmp_path):
+    model_fn = partial(torch.nn.Linear, 3, 1)
+    config = TrainConfig(workers=2, epochs=4, batch_size=16, lr=0.05, optimizer="adamw", seed=5,
+                         output_dir=str(tmp_path / "run"))
+    result = Trainer(config, model_fn=model_fn, dataset_fn=partial(PlainDataset, 75), loss_fn=F.mse_loss,
+                     eval_dataset_fn=partial(PlainDataset, 9)).fit()
+    expected, _ = train_reference(model_fn, PlainDataset(75), F.mse_loss, seed=5, epochs=4, batch_size=16, lr=0.05,
+                                  optimizer="adamw", lr_schedule="cosine")
+    assert_same_parameters(result.model, expected)
+    evaluation = PlainDataset(9)
+    with torch.no_grad():
+        assert result.eval_loss == pytest.approx(F.mse_loss(expected(evaluation.x), evaluation.y).item(), rel=1e-5)
+    assert len(result.eval_losses) == 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert [r["loss"] for r in records] == result.epoch_losses
+    assert records[-1]["eval_loss"] == result.eval_loss
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert TrainConfig(**saved) == config

@@ -1,0 +1,45 @@
+"""A replica that raises: the run stops with a ReplicaError naming the replica, not a Ray traceback."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytorch import ReplicaError, TrainConfig, Trainer
+from raytorch.data import ArrayDataset
+
+
+class Picky(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def forward(self, x):
+        if (x == 42).any():
+            raise ValueError("saw 42")
+        return super().forward(x)
+
+
+def test_error_inside_a_replica_names_it_and_the_cause(ray_local):
+    x = np.arange(8, dtype=np.float32).reshape(-1, 1)
+    x[7] = 42  # the last sample: with no shuffle, the second replica of the second step meets it
+    data = ArrayDataset(x, 2 * x)
+    config = TrainConfig(workers=2, epochs=1, batch_size=4, shuffle=False, optimizer="sgd", lr=1e-3)
+    with pytest.raises(ReplicaError, match=r"^replica 1 failed in step after 1 steps: ValueError: saw 42$"):
+        Trainer(config, model_fn=Picky, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
+
+
+def test_model_that_cannot_be_built(ray_local):
+    def broken():
+        raise RuntimeError("no weights here")
+
+    calls = []
+
+    def model_fn():
+        calls.append(1)
+        return torch.nn.Linear(1, 1) if len(calls) == 1 else broken()  # the driver's call works, replicas' fail
+
+    config = TrainConfig(workers=2, epochs=1, batch_size=4)
+    with pytest.raises(ReplicaError, match=r"replica \d died: .*no weights here"):
+        Trainer(config, model_fn=model_fn, dataset_fn=lambda: ArrayDataset(np.ones((4, 1), np.float32),
+                                                                           np.ones((4, 1), np.float32)),
+                loss_fn=F.mse_loss, quiet=True).fit()

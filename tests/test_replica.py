@@ -1,0 +1,75 @@
+"""Replica as a plain object, in-process: the flat gradient buffer and one step's arithmetic."""
+
+import numpy as np
+import pytest
+import torch
+
+from raytorch import TrainConfig
+from raytorch.builtins import linear_data, mlp
+from raytorch.replica import Replica, attach_flat_grad
+
+
+def test_grads_are_views_into_one_flat_buffer_through_backward():
+    model = mlp(4, 2, hidden=8)
+    flat = attach_flat_grad(model)
+    for _ in range(2):  # backward accumulates in place: the views survive
+        flat.zero_()
+        model(torch.randn(5, 4)).sum().backward()
+        for p in model.parameters():
+            assert p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert torch.equal(flat, torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+
+def _initial(config, model_fn):
+    torch.manual_seed(config.seed)
+    return model_fn().state_dict()
+
+
+def _replica(rank, config, model_fn, data):
+    return Replica(rank, config, model_fn=model_fn, loss_fn=torch.nn.functional.mse_loss,
+                   init_state=_initial(config, model_fn),
+                   train_set=data, eval_set=data, total_steps=10)
+
+
+def test_two_replicas_step_like_one_process():
+    config = TrainConfig(workers=2, batch_size=6, lr=1e-4, optimizer="sgd", lr_schedule="constant")
+    data = linear_data(6, seed=0)
+    model_fn = lambda: torch.nn.Linear(1, 1)  # noqa: E731
+    replicas = [_replica(r, config, model_fn, data) for r in range(2)]
+    results = [r.step(np.arange(3 * i, 3 * i + 3)) for i, r in enumerate(replicas)]
+    grads = [g.copy() for g, _ in results]  # step hands back a view of its buffer; Ray would copy it
+    for r in replicas:
+        r.apply([0.5, 0.5], *grads)
+
+    torch.manual_seed(config.seed)
+    model = model_fn()
+    x, y = data.batch(np.arange(6))
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    torch.optim.SGD(model.parameters(), lr=1e-4).step()
+    for r in replicas:
+        for got, want in zip(r.model.parameters(), model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert replicas[0].digest() == replicas[1].digest()
+    with torch.no_grad():
+        start = model_fn()
+        start.load_state_dict(_initial(config, model_fn))
+        for i, (_, loss) in enumerate(results):
+            part = np.arange(3 * i, 3 * i + 3)
+            px, py = data.batch(part)
+            assert loss == pytest.approx(torch.nn.functional.mse_loss(start(px), py).item(), rel=1e-6)
+
+
+def test_replica_without_samples_returns_nothing():
+    config = TrainConfig(workers=3, batch_size=3)
+    replica = _replica(0, config, lambda: torch.nn.Linear(1, 1), linear_data(4, seed=0))
+    assert replica.step(np.array([], dtype=np.int64)) == (None, None)
+
+
+def test_evaluate_is_the_sample_mean_over_chunks():
+    config = TrainConfig(workers=1, batch_size=1)
+    data = linear_data(10, seed=1)
+    replica = _replica(0, config, lambda: torch.nn.Linear(1, 1), data)
+    x, y = data.batch(np.arange(10))
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(replica.model(x), y).item()
+    assert replica.evaluate(np.arange(10), chunk=3) == pytest.approx(expected, rel=1e-5)
