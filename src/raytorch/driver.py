@@ -44,6 +44,10 @@ class TrainResult:
     wall_time_s: float
     replica_digests: list[str] = field(default_factory=list)
     """SHA-256 of each replica's parameters at the end: all equal, or the replicas diverged."""
+    epoch_times_s: list[float] = field(default_factory=list)
+    """Wall time of each epoch's steps (without its evaluation)."""
+    time_to_first_step_s: float = 0.0
+    """From the call to fit() to the first step's losses back in the driver."""
 
     @property
     def eval_loss(self) -> Optional[float]:
@@ -60,6 +64,7 @@ class Trainer:
         self.quiet = quiet
 
     def fit(self) -> TrainResult:
+        self._fit_started = time.perf_counter()
         config = self.config
         config.validate()
         train_set = self.dataset_fn()
@@ -93,8 +98,9 @@ class Trainer:
         run_dir = RunDir(config.output_dir) if config.output_dir else None
         if run_dir:
             run_dir.write_config(config)
-        epoch_losses, eval_losses = [], []
+        epoch_losses, eval_losses, epoch_times = [], [], []
         steps_done = samples_done = 0
+        first_step_s = 0.0
         started = time.perf_counter()
         for epoch in range(config.epochs):
             epoch_started = time.perf_counter()
@@ -114,6 +120,9 @@ class Trainer:
                 reduced = (batch_weights([sizes[r] for r in active]), *(calls[r][0] for r in active))
                 # gather losses a few steps behind, so the driver never stalls the replicas
                 pending.append(([calls[r][1] for r in active], [sizes[r] for r in active]))
+                if not steps_done:  # the first step, waited for: time to first step
+                    gather(replicas, pending[0][0])
+                    first_step_s = time.perf_counter() - self._fit_started
                 while len(pending) > STEPS_IN_FLIGHT:
                     _collect(replicas, pending.popleft(), losses, counts)
                 steps_done += 1
@@ -123,6 +132,7 @@ class Trainer:
             while pending:
                 _collect(replicas, pending.popleft(), losses, counts)
             epoch_losses.append(weighted_mean(losses, counts))
+            epoch_times.append(time.perf_counter() - epoch_started)
             # evaluate: each replica scores a contiguous part of the eval set
             if eval_size:
                 eval_parts = split_batch(torch.arange(eval_size), workers)
@@ -133,11 +143,10 @@ class Trainer:
             state = gather(replicas, [replicas[0].state.remote()])[0] if scalar_linear else None
             self._say(epoch_line(epoch, epoch_losses[-1], state, eval_losses[-1] if eval_losses else None))
             if run_dir:
-                elapsed = time.perf_counter() - epoch_started
                 run_dir.log({"epoch": epoch, "loss": epoch_losses[-1],
                              "eval_loss": eval_losses[-1] if eval_losses else None, "steps": steps_done,
-                             "samples": samples_done, "epoch_time_s": elapsed,
-                             "samples_per_s": sum(counts) / elapsed})
+                             "samples": samples_done, "epoch_time_s": epoch_times[-1],
+                             "samples_per_s": sum(counts) / epoch_times[-1]})
         wall = time.perf_counter() - started
         if eval_losses:
             self._say(final_line(eval_losses[-1]))
@@ -146,7 +155,8 @@ class Trainer:
             self._say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
         state = gather(replicas, [replicas[0].state.remote()])[0]
         return dict(epoch_losses=epoch_losses, eval_losses=eval_losses, steps=steps_done, samples=samples_done,
-                    wall_time_s=wall, replica_digests=digests, state=state)
+                    wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
+                    time_to_first_step_s=first_step_s, state=state)
 
     def _say(self, line: str) -> None:
         if not self.quiet:
