@@ -1,5 +1,8 @@
 """A replica that raises: the run stops with a ReplicaError naming the replica, not a Ray traceback."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +27,7 @@ def test_error_inside_a_replica_names_it_and_the_cause(ray_local):
     x[7] = 42  # the last sample: with no shuffle, the second replica of the second step meets it
     data = ArrayDataset(x, 2 * x)
     config = TrainConfig(workers=2, epochs=1, batch_size=4, shuffle=False, optimizer="sgd", lr=1e-3)
-    with pytest.raises(ReplicaError, match=r"^replica 1 failed in step after 1 steps: ValueError: saw 42$"):
+    with pytest.raises(ReplicaError, match=r"^replica 1 failed in run after 1 steps: ValueError: saw 42$"):
         Trainer(config, model_fn=Picky, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
 
 
@@ -43,3 +46,26 @@ def test_model_that_cannot_be_built(ray_local):
         Trainer(config, model_fn=model_fn, dataset_fn=lambda: ArrayDataset(np.ones((4, 1), np.float32),
                                                                            np.ones((4, 1), np.float32)),
                 loss_fn=F.mse_loss, quiet=True).fit()
+
+
+class Doomed(torch.nn.Linear):
+    """Kills its own process (SIGKILL, as the OOM killer would) when it meets the sample x = 42."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def forward(self, x):
+        if (x == 42).any():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
+def test_a_killed_replica_is_named_and_its_peers_do_not_hang(ray_local, reduction):
+    x = np.arange(64, dtype=np.float32).reshape(-1, 1)
+    x[44] = 42  # step 5 of 8, in the second replica's half
+    data = ArrayDataset(x, 2 * x)
+    config = TrainConfig(workers=2, epochs=1, batch_size=8, shuffle=False, optimizer="sgd", lr=1e-5,
+                         reduction=reduction)
+    with pytest.raises(ReplicaError, match=r"^replica 1 died"):
+        Trainer(config, model_fn=Doomed, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()

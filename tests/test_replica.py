@@ -36,10 +36,10 @@ def test_two_replicas_step_like_one_process():
     data = linear_data(6, seed=0)
     model_fn = lambda: torch.nn.Linear(1, 1)  # noqa: E731
     replicas = [_replica(r, config, model_fn, data) for r in range(2)]
-    results = [r.step(np.arange(3 * i, 3 * i + 3)) for i, r in enumerate(replicas)]
-    grads = [g.copy() for g, _ in results]  # step hands back a view of its buffer; Ray would copy it
+    results = [r.run([(np.arange(3 * i, 3 * i + 3), None)]) for i, r in enumerate(replicas)]
+    grads = [g.copy() for g, _ in results]  # run hands back a view of its buffer; Ray would copy it
     for r in replicas:
-        r.apply([0.5, 0.5], *grads)
+        r.apply(([0.5, 0.5], [0, 1]), *grads)
 
     torch.manual_seed(config.seed)
     model = model_fn()
@@ -53,7 +53,7 @@ def test_two_replicas_step_like_one_process():
     with torch.no_grad():
         start = model_fn()
         start.load_state_dict(_initial(config, model_fn))
-        for i, (_, loss) in enumerate(results):
+        for i, (_, (loss,)) in enumerate(results):
             part = np.arange(3 * i, 3 * i + 3)
             px, py = data.batch(part)
             assert loss == pytest.approx(torch.nn.functional.mse_loss(start(px), py).item(), rel=1e-6)
@@ -62,7 +62,7 @@ def test_two_replicas_step_like_one_process():
 def test_replica_without_samples_returns_nothing():
     config = TrainConfig(workers=3, batch_size=3)
     replica = _replica(0, config, lambda: torch.nn.Linear(1, 1), linear_data(4, seed=0))
-    assert replica.step(np.array([], dtype=np.int64)) == (None, None)
+    assert replica.run([(np.array([], dtype=np.int64), None)]) == (None, [None])
 
 
 def test_evaluate_is_the_sample_mean_over_chunks():

@@ -17,6 +17,7 @@ from .errors import ConfigError
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["constant", "cosine"]
 DeviceName = Literal["cpu", "cuda"]
+ReductionName = Literal["auto", "shared_memory", "object_store"]
 
 
 @dataclass(kw_only=True)
@@ -65,11 +66,14 @@ class TrainConfig:
     gpus_per_replica: Optional[float] = None
     """GPUs per replica with device 'cuda' (fractions share a GPU); default 1 for cuda, 0 for cpu."""
 
+    reduction: ReductionName = "auto"
+    """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm), 'object_store' (Ray objects, any cluster), 'auto' (shared_memory where all replicas share a node)."""
+
     address: Optional[str] = None
     """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""
 
     resource_timeout: Optional[float] = None
-    """Seconds to wait for the cluster to make room for the replicas; default 0 (fail at once) unless an autoscaler can add nodes (then 300)."""
+    """Seconds to wait for a busy cluster to make room for the replicas: default 60, or 600 where an autoscaler can add nodes. A request the cluster can never hold fails at once unless an autoscaler can add nodes."""
 
     output_dir: Optional[str] = None
     """Run directory for the resolved config and metrics.jsonl; nothing is written without it."""

@@ -20,13 +20,14 @@ from .cluster import ray_session
 from .config import TrainConfig
 from .errors import ConfigError
 from .group import gather, replica_group
-from .reduce import batch_weights, weighted_mean
+from .plan import plan_steps, steps_per_call
+from .reduce import weighted_mean
 from .report import RunDir, epoch_line, final_line, is_scalar_linear
 from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
-# Steps the driver submits ahead of the losses it has gathered: Ray's per-call latency then
+# Calls the driver submits ahead of the losses it has gathered: Ray's per-call latency then
 # overlaps with the replicas' compute instead of stalling every step.
-STEPS_IN_FLIGHT = 4
+CALLS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TrainResult:
     """Wall time of each epoch's steps (without its evaluation)."""
     time_to_first_step_s: float = 0.0
     """From the call to fit() to the first step's losses back in the driver."""
+    replica_memory: list[dict] = field(default_factory=list)
+    """Per replica at the end: bytes of params, grad, optimizer state, wire buffers, and its
+    proportional set size above the process's PyTorch baseline."""
 
     @property
     def eval_loss(self) -> Optional[float]:
@@ -86,13 +90,15 @@ class Trainer:
                 eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=steps * config.epochs,
             ) as (replicas, infos):
                 for info in infos:
-                    self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}")
-                result = self._train(replicas, len(train_set), len(eval_set) if eval_set is not None else 0,
+                    self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
+                              f"gradients via {info['wire']}")
+                result = self._train(replicas, infos[0]["wire"], len(train_set),
+                                     len(eval_set) if eval_set is not None else 0,
                                      scalar_linear=is_scalar_linear(init_state))
         model.load_state_dict(result.pop("state"))
         return TrainResult(model=model, **result)
 
-    def _train(self, replicas: list, train_size: int, eval_size: int, scalar_linear: bool) -> dict:
+    def _train(self, replicas: list, wire: str, train_size: int, eval_size: int, scalar_linear: bool) -> dict:
         """The epoch loop: split each batch, replicas compute, all-reduce, step, gather losses, log."""
         config, workers = self.config, len(replicas)
         run_dir = RunDir(config.output_dir) if config.output_dir else None
@@ -100,37 +106,42 @@ class Trainer:
             run_dir.write_config(config)
         epoch_losses, eval_losses, epoch_times = [], [], []
         steps_done = samples_done = 0
-        first_step_s = 0.0
+        first_step_s = step_time = 0.0
         started = time.perf_counter()
         for epoch in range(config.epochs):
             epoch_started = time.perf_counter()
-            pending: deque = deque()  # (loss refs, their sample counts), oldest first
+            pending: deque = deque()  # per call: (loss refs, part sizes per step), oldest first
             losses, counts = [], []
-            reduced: tuple = ()  # the previous step's all-reduce: (weights, *gradient refs)
-            order = epoch_order(train_size, config.seed, epoch, config.shuffle)
-            for batch in global_batches(order, config.batch_size, config.drop_last):
-                # split the batch: contiguous near-equal parts, part r to replica r
-                parts = split_batch(batch, workers)
-                sizes = [len(p) for p in parts]
-                # replicas apply the previous all-reduced gradient, then compute their part's
-                calls = [r.step.remote(p.numpy(), *reduced) for r, p in zip(replicas, parts)]
-                # all-reduce through the driver: it routes every gradient (by reference) and its
-                # weight n_r / n to every replica, which sums them at its next call
-                active = [r for r, n in enumerate(sizes) if n]
-                reduced = (batch_weights([sizes[r] for r in active]), *(calls[r][0] for r in active))
-                # gather losses a few steps behind, so the driver never stalls the replicas
-                pending.append(([calls[r][1] for r in active], [sizes[r] for r in active]))
+            carry, carried = None, []  # the last planned all-reduce, and the gradient refs it routes to
+            batches = global_batches(epoch_order(train_size, config.seed, epoch, config.shuffle),
+                                     config.batch_size, config.drop_last)
+            done = 0
+            while done < len(batches):
+                chunk = batches[done:done + steps_per_call(wire, step_time)]
+                # split each batch: contiguous near-equal parts, part r to replica r, and plan the
+                # all-reduce of each step: weights n_r / n and a route to every replica's gradient
+                plans, sizes, carry = plan_steps(chunk, workers, carry, wire, steps_done)
+                # replicas follow their plans: apply the previous all-reduce, compute their gradient
+                calls = [r.run.remote(plan, *carried) for r, plan in zip(replicas, plans)]
+                # all-reduce through the driver: the next call gets the last step's gradients (by
+                # reference on the object-store wire; by (rank, step) from shared memory otherwise)
+                carried = [calls[r][0] for r, n in enumerate(sizes[-1]) if n] if wire == "object_store" else []
+                # gather losses a few calls behind, so the driver never stalls the replicas
+                pending.append(([c[1] for c in calls], sizes))
                 if not steps_done:  # the first step, waited for: time to first step
                     gather(replicas, pending[0][0])
                     first_step_s = time.perf_counter() - self._fit_started
-                while len(pending) > STEPS_IN_FLIGHT:
+                while len(pending) > CALLS_IN_FLIGHT:
                     _collect(replicas, pending.popleft(), losses, counts)
-                steps_done += 1
-                samples_done += len(batch)
-            # step: every replica applies the epoch's last all-reduced gradient
-            gather(replicas, [r.apply.remote(*reduced) for r in replicas])
+                    step_time = (time.perf_counter() - epoch_started) / len(losses)
+                done += len(chunk)
+                steps_done += len(chunk)
+                samples_done += sum(len(b) for b in chunk)
+            # step: every replica applies the epoch's last all-reduce
+            applied = [r.apply.remote(carry, *carried) for r in replicas]
             while pending:
                 _collect(replicas, pending.popleft(), losses, counts)
+            gather(replicas, applied)
             epoch_losses.append(weighted_mean(losses, counts))
             epoch_times.append(time.perf_counter() - epoch_started)
             # evaluate: each replica scores a contiguous part of the eval set
@@ -151,12 +162,13 @@ class Trainer:
         if eval_losses:
             self._say(final_line(eval_losses[-1]))
         digests = gather(replicas, [r.digest.remote() for r in replicas])
+        memory = gather(replicas, [r.memory.remote() for r in replicas])
         if len(set(digests)) != 1:
             self._say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
         state = gather(replicas, [replicas[0].state.remote()])[0]
         return dict(epoch_losses=epoch_losses, eval_losses=eval_losses, steps=steps_done, samples=samples_done,
                     wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
-                    time_to_first_step_s=first_step_s, state=state)
+                    time_to_first_step_s=first_step_s, replica_memory=memory, state=state)
 
     def _say(self, line: str) -> None:
         if not self.quiet:
@@ -164,7 +176,10 @@ class Trainer:
 
 
 def _collect(replicas: list, entry: tuple, losses: list, counts: list) -> None:
-    refs, sizes = entry
-    step_losses = gather(replicas, refs)
-    losses.append(weighted_mean(step_losses, sizes))
-    counts.append(sum(sizes))
+    """Turn one call's per-replica loss lists into per-step sample-weighted losses."""
+    refs, sizes_per_step = entry
+    per_replica = gather(replicas, refs)
+    for step, sizes in enumerate(sizes_per_step):
+        active = [r for r, n in enumerate(sizes) if n]
+        losses.append(weighted_mean([per_replica[r][step] for r in active], [sizes[r] for r in active]))
+        counts.append(sum(sizes))

@@ -12,6 +12,9 @@ class ConfigError(RaytorchError, ValueError):
         self.field = field
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):
+        return type(self), (self.field, str(self).split(": ", 1)[1])
+
 
 class ClusterError(RaytorchError):
     """Ray cannot be reached, or the cluster cannot hold what the run asks for."""
@@ -19,3 +22,7 @@ class ClusterError(RaytorchError):
 
 class ReplicaError(RaytorchError):
     """A replica failed while training; the message names the replica and the step."""
+
+
+class PeerError(ReplicaError):
+    """A replica stopped because a peer it waited for failed: a consequence, not the cause."""

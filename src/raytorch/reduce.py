@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
+import torch
 
 
 def batch_weights(counts: Sequence[int]) -> list[float]:
@@ -19,19 +21,20 @@ def batch_weights(counts: Sequence[int]) -> list[float]:
     return [n / total for n in counts]
 
 
-def weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray,
-                 scratch: np.ndarray) -> np.ndarray:
+def weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     """out = sum_i weights[i] * arrays[i], in a fixed order so every replica gets the same bits.
 
-    `arrays` may be read-only (zero-copy views into Ray's object store); `scratch` is a buffer
-    of out's shape that saves a temporary per term.
+    `arrays` may be read-only (zero-copy views into Ray's object store or a peer's shared memory):
+    they are only read. No temporary the size of `out` is made.
     """
     if len(arrays) != len(weights) or not arrays:
         raise ValueError(f"need one weight per array and at least one array, got {len(arrays)} and {len(weights)}")
-    np.multiply(arrays[0], out.dtype.type(weights[0]), out=out)
-    for array, weight in zip(arrays[1:], weights[1:]):
-        np.multiply(array, out.dtype.type(weight), out=scratch)
-        out += scratch
+    with warnings.catch_warnings():  # torch warns that read-only arrays make read-only tensors: we only read
+        warnings.simplefilter("ignore", UserWarning)
+        terms = [torch.from_numpy(np.asarray(a)) for a in arrays]
+    torch.mul(terms[0], weights[0], out=out)
+    for term, weight in zip(terms[1:], weights[1:]):
+        out.add_(term, alpha=weight)
     return out
 
 

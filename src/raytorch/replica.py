@@ -18,9 +18,10 @@ from torch import nn
 from .config import TrainConfig
 from .data import fetch
 from .device import replica_device, torch_threads
-from .errors import ReplicaError
+from .errors import PeerError, ReplicaError
 from .optim import make_optimizer, make_schedule
 from .reduce import weighted_sum
+from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire
 
 
 def attach_flat_grad(model: nn.Module) -> torch.Tensor:
@@ -40,6 +41,15 @@ def attach_flat_grad(model: nn.Module) -> torch.Tensor:
     return flat
 
 
+def proportional_set_size() -> int:
+    """This process's memory in bytes, shared pages split among the processes that map them (Linux PSS)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def _reported(method):
     """Re-raise a failure inside a replica as a ReplicaError naming the replica and its step."""
 
@@ -47,10 +57,12 @@ def _reported(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except ReplicaError:
-            raise
         except Exception as e:
-            raise ReplicaError(
+            self.wire.fail()  # no peer waits for a replica that has failed
+            if isinstance(e, ReplicaError):
+                raise
+            error = PeerError if isinstance(e, PeerFailed) else ReplicaError
+            raise error(
                 f"replica {self.rank} failed in {method.__name__} after {self.steps} steps: {type(e).__name__}: {e}"
             ) from e
 
@@ -62,6 +74,7 @@ class Replica:
 
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
                  loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
+        self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         self.rank = rank
         self.steps = 0
@@ -73,7 +86,7 @@ class Replica:
         self.flat_grad = attach_flat_grad(self.model)
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
         self.host_grad = self.flat_grad if self.device.type == "cpu" else torch.empty_like(self.flat_grad, device="cpu")
-        self.scratch = np.empty(self.flat_grad.numel(), dtype=self.host_grad.numpy().dtype)
+        self.wire = ObjectStoreWire()
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.schedule = make_schedule(config.lr_schedule, self.optimizer, total_steps)
 
@@ -87,35 +100,58 @@ class Replica:
 
     @_reported
     @ray.method(num_returns=2)  # innermost: Ray reads it from the unwrapped function
-    def step(self, indices: np.ndarray, weights: list[float] | None = None, *grads: np.ndarray):
-        """Apply the previous step's all-reduced gradient (if given), then compute this part's.
+    def run(self, plan: list, *grads: np.ndarray):
+        """Follow the driver's plan: per step, apply the previous step's all-reduce, then compute
+        the gradient of this replica's part of the batch (see plan.py for the format).
 
-        Returns (flat gradient of the local mean loss, local mean loss), or (None, None) when
-        this replica has no sample in the batch.
+        Returns (this call's last gradient as the wire hands it over, the local mean loss of each
+        step, None where this replica had no sample).
         """
-        if weights is not None:
-            self._apply(weights, grads)
+        handoff, losses = None, []
+        for indices, reduce in plan:
+            if reduce is not None:
+                self._apply(reduce, grads)
+            handoff, loss = self._compute(indices)
+            losses.append(loss)
+        return handoff, losses
+
+    @_reported
+    def apply(self, reduce, *grads: np.ndarray) -> int:
+        """Apply an all-reduce on its own (the epoch's last step); returns the steps applied."""
+        self._apply(reduce, grads)
+        return self.steps
+
+    def _compute(self, indices: np.ndarray):
         if len(indices) == 0:
             return None, None
         x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, indices))
         self.flat_grad.zero_()
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
-        return self.flat_grad.detach().cpu().numpy(), loss.item()
+        # self.steps counts applied updates: the gradient computed now belongs to step self.steps
+        return self.wire.publish(self.flat_grad, self.steps), loss.item()
 
-    @_reported
-    def apply(self, weights: list[float], *grads: np.ndarray) -> int:
-        """Apply an all-reduced gradient: sum the weighted replica gradients and step."""
-        self._apply(weights, grads)
-        return self.steps
-
-    def _apply(self, weights, grads) -> None:
-        weighted_sum(grads, weights, out=self.host_grad.numpy(), scratch=self.scratch)
+    def _apply(self, reduce, grads) -> None:
+        weights, routes = reduce
+        items = [grads[route] if isinstance(route, int) else route for route in routes]
+        weighted_sum([self.wire.read(item) for item in items], weights, out=self.host_grad)
+        self.wire.applied(self.steps)
         if self.host_grad is not self.flat_grad:
             self.flat_grad.copy_(self.host_grad, non_blocking=True)
         self.optimizer.step()
         self.schedule.step()
         self.steps += 1
+
+    def share_memory(self, prefix: str) -> list[str]:
+        """Switch to the shared-memory wire (all replicas on one node); returns this replica's buffer paths."""
+        self.wire = SharedMemoryWire(self.rank, self.host_grad.numel(), self.host_grad.numpy().dtype, prefix)
+        return self.wire.paths
+
+    def attach_peers(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
+        self.wire.attach(paths_by_rank, pids_by_rank)
+
+    def unlink_shared(self) -> None:
+        self.wire.unlink()
 
     @_reported
     def evaluate(self, indices: np.ndarray, chunk: int) -> float | None:
@@ -131,6 +167,18 @@ class Replica:
                 total += self.loss_fn(self.model(x), y).item() * len(part)
         self.model.train()
         return total / len(indices)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this replica holds: its buffers by size, and its measured memory above the baseline."""
+        grad = self.flat_grad.numel() * self.flat_grad.element_size()
+        return {
+            "params": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "grad": grad,
+            "optimizer": sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                             for t in state.values() if torch.is_tensor(t)),
+            "wire_buffers": 2 * grad if self.wire.kind == "shared_memory" else 0,
+            "pss_above_baseline": proportional_set_size() - self.baseline_pss,
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         """The model's state_dict, on CPU."""

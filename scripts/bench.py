@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""raytorch against plain PyTorch, DDP and Ray Train, on this machine, in one run.
+
+    python scripts/bench.py                        # all workloads, W=2, 3 alternating rounds
+    python scripts/bench.py --workloads mlp --rounds 1 --json bench.json
+
+Ray Train needs the `bench` extra (pip install -e '.[bench]'); without it that column is skipped.
+Same model, data order, global batch and SGD everywhere; every distributed worker gets 1 torch
+thread; each system runs as many warm-up steps as it then measures. Systems alternate within a
+round so drift hits all alike; the table shows medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "src")]
+
+import systems  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workloads", default="linear,mlp,25m", help=f"comma-separated of {', '.join(WORKLOADS)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-steps", type=int, default=5000, help="steps of the memory check (0: skip)")
+    parser.add_argument("--json", default="bench.json", help="where to write the raw figures")
+    args = parser.parse_args()
+    from raytorch.cluster import keep_on_loopback
+
+    keep_on_loopback()
+    import ray
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}})
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    runs = make_runs(args.workers)
+    raw: dict = {"workers": args.workers, "cores": os.cpu_count(), "runs": []}
+    with tempfile.TemporaryDirectory() as storage:
+        for round_ in range(args.rounds):
+            for name in args.workloads.split(","):
+                workload = WORKLOADS[name]
+                for system, run in runs.items():
+                    figures = run(workload, storage)
+                    figures.update(system=system, workload=name, round=round_,
+                                   steps_per_s=workload.steps / figures["seconds"],
+                                   samples_per_s=workload.steps * workload.batch_size / figures["seconds"])
+                    raw["runs"].append(figures)
+                    print(f"round {round_} {name:7s} {system:26s} {figures['steps_per_s']:9.1f} steps/s", flush=True)
+    if args.memory_steps:
+        raw["memory"] = memory_check(args.workers, args.memory_steps)
+    ray.shutdown()
+    Path(args.json).write_text(json.dumps(raw, indent=1))
+    print_table(raw, args.workloads.split(","))
+    print(f"\nraw figures: {args.json}")
+    return 0
+
+
+def make_runs(workers: int) -> dict:
+    runs = {
+        "pytorch 1 thread": lambda w, _: systems.single(w, threads=1),
+        f"pytorch {os.cpu_count()} threads": lambda w, _: systems.single(w, threads=os.cpu_count()),
+        f"ddp gloo W={workers}": lambda w, _: systems.ddp(w, workers),
+    }
+    try:
+        import ray.train.torch  # noqa: F401
+
+        runs[f"ray train W={workers}"] = lambda w, storage: systems.ray_train(w, workers, storage)
+    except ImportError:
+        print("Ray Train is not installed (pip install -e '.[bench]'): skipping it", flush=True)
+    for reduction in ("shared_memory", "object_store"):
+        runs[f"raytorch {reduction} W={workers}"] = lambda w, _, r=reduction: systems.raytorch(w, workers, r)
+    return runs
+
+
+def memory_check(workers: int, steps: int) -> dict:
+    """Driver RSS and object-store use around long runs; each replica's memory against its budget."""
+    from raytorch import TrainConfig, Trainer
+
+    from workloads import WORKLOADS as W
+
+    report = {}
+    for workload, reduction in [(W["linear"], "shared_memory"), (W["linear"], "object_store"),
+                                (W["25m"], "shared_memory"), (W["25m"], "object_store")]:
+        n = steps if workload.name == "linear" else 24
+        config = TrainConfig(workers=workers, epochs=1, batch_size=workload.batch_size, lr=workload.lr,
+                             optimizer="adam", lr_schedule="constant", reduction=reduction)
+        before = (rss(), plasma_bytes())
+        result = Trainer(config, model_fn=workload.model_fn, loss_fn=workload.loss_fn,
+                         dataset_fn=lambda: workload.data_fn(n * workload.batch_size), quiet=True).fit()
+        after = (rss(), plasma_bytes())
+        report[f"{workload.name} {reduction}"] = {
+            "steps": result.steps, "driver_rss_growth": after[0] - before[0],
+            "object_store_before": before[1], "object_store_after": after[1], "replicas": result.replica_memory}
+    return report
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def plasma_bytes() -> int:
+    """Bytes in Ray's object store on this node, as `ray memory --stats-only` reports them."""
+    from ray._private.internal_api import memory_summary
+
+    time.sleep(1.0)  # freed objects are reported with a short delay
+    found = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return int(found.group(1)) * 2**20 if found else -1
+
+
+def print_table(raw: dict, names: list[str]) -> None:
+    mib = 2**20
+    for name in names:
+        rows = {}
+        for run in raw["runs"]:
+            if run["workload"] == name:
+                rows.setdefault(run["system"], []).append(run)
+        medians = {s: statistics.median(r["steps_per_s"] for r in rs) for s, rs in rows.items()}
+        anchors = {s: v for s, v in medians.items() if s.startswith(("ddp", "ray train"))}
+        w = WORKLOADS[name]
+        print(f"\n{name}: {w.params():,} parameters, global batch {w.batch_size}, {w.steps} measured steps "
+              f"(median of {len(next(iter(rows.values())))})")
+        header = f"{'system':30s} {'steps/s':>9s} {'samples/s':>10s}" + "".join(f" {'x ' + a:>18s}" for a in anchors)
+        print(header + f" {'first step s':>13s}")
+        for system, value in medians.items():
+            ratios = "".join(f" {value / a:18.2f}" for a in anchors.values())
+            firsts = [r["first_step_s"] for r in rows[system] if "first_step_s" in r]
+            first = f"{statistics.median(firsts):13.2f}" if firsts else f"{'':13s}"
+            print(f"{system:30s} {value:9.1f} {value * w.batch_size:10.0f}{ratios} {first}")
+    for label, m in raw.get("memory", {}).items():
+        print(f"\nmemory, {label}, {m['steps']} steps: driver RSS grew {m['driver_rss_growth'] / mib:.1f} MiB; "
+              f"object store {m['object_store_before'] / mib:.0f} -> {m['object_store_after'] / mib:.0f} MiB")
+        for rank, r in enumerate(m["replicas"]):
+            budget = r["params"] + r["grad"] + r["optimizer"] + 2 * r["grad"]
+            print(f"  replica {rank}: params {r['params'] / mib:.1f} + grad {r['grad'] / mib:.1f} + optimizer "
+                  f"{r['optimizer'] / mib:.1f} + wire {r['wire_buffers'] / mib:.1f} MiB; measured PSS above "
+                  f"baseline {r['pss_above_baseline'] / mib:.1f} MiB (budget {budget / mib:.1f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""What the driver tells each replica per call: its part of each step's batch, and the all-reduce
+to apply before it. Pure: no Ray.
+
+A reduce is (weights, routes): weight n_r / n for every replica that had samples, and a route to
+each one's gradient. A route is an int, the position of a gradient passed by reference as a call
+argument (object-store wire: Ray resolves it, and so orders the call after the one producing it),
+or (rank, step), a same-node peer's gradient in shared memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .reduce import batch_weights
+from .sharding import split_batch
+
+Reduce = tuple[list[float], list]
+Step = tuple[np.ndarray, Optional[Reduce]]
+
+
+def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Reduce], wire: str,
+               first_step: int) -> tuple[list[list[Step]], list[list[int]], Reduce]:
+    """Plan one call per replica covering `batches`, global steps first_step, first_step + 1, ...
+
+    Returns each replica's steps, each step's part sizes, and the last step's reduce, which the
+    next call (or the epoch's final apply) carries.
+    """
+    if wire == "object_store" and len(batches) != 1:
+        raise ValueError("the object-store wire routes by reference to the previous call: one step per call")
+    plans: list[list[Step]] = [[] for _ in range(workers)]
+    sizes_per_step = []
+    for offset, batch in enumerate(batches):
+        parts = split_batch(batch, workers)
+        sizes = [len(p) for p in parts]
+        for plan, part in zip(plans, parts):
+            plan.append((part.numpy(), carry))
+        active = [r for r, n in enumerate(sizes) if n]
+        routes = list(range(len(active))) if wire == "object_store" else [(r, first_step + offset) for r in active]
+        carry = (batch_weights([sizes[r] for r in active]), routes)
+        sizes_per_step.append(sizes)
+    return plans, sizes_per_step, carry
+
+
+def steps_per_call(wire: str, step_time_s: float, target_s: float = 0.02, most: int = 64) -> int:
+    """How many steps one call should carry: enough that Ray's per-call cost (~1 ms) is small
+    against the call's work. The object-store wire needs one step per call."""
+    if wire == "object_store" or step_time_s <= 0:
+        return 1
+    return max(1, min(most, int(target_s / step_time_s)))

@@ -1,0 +1,89 @@
+"""The per-call plan (pure) and the shared-memory wire's ordering, in-process: no Ray."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from raytorch.plan import plan_steps, steps_per_call
+from raytorch.wire import PeerFailed, SharedMemoryWire, shared_memory_available
+
+
+def test_plan_carries_each_steps_reduce_into_the_next_step():
+    batches = [torch.arange(0, 5), torch.arange(5, 10), torch.arange(10, 12)]
+    plans, sizes, carry = plan_steps(batches, workers=3, carry=None, wire="shared_memory", first_step=7)
+    assert sizes == [[2, 2, 1], [2, 2, 1], [1, 1, 0]]
+    assert [len(p) for p in plans] == [3, 3, 3]
+    assert plans[2][2][0].tolist() == []  # replica 2 sits out the short last step
+    assert plans[0][0][1] is None  # nothing to apply before the first step
+    weights, routes = plans[1][1][1]  # before step 8, replica 1 applies step 7's reduce
+    assert weights == [0.4, 0.4, 0.2] and routes == [(0, 7), (1, 7), (2, 7)]
+    assert carry == ([0.5, 0.5], [(0, 9), (1, 9)])  # step 9 had two active replicas
+
+
+def test_object_store_plan_routes_by_position_one_step_per_call():
+    plans, _, carry = plan_steps([torch.arange(4)], workers=2, carry=([1.0], [0]), wire="object_store", first_step=0)
+    assert plans[0][0][1] == ([1.0], [0])
+    assert carry == ([0.5, 0.5], [0, 1])
+    with pytest.raises(ValueError):
+        plan_steps([torch.arange(4)] * 2, workers=2, carry=None, wire="object_store", first_step=0)
+
+
+def test_steps_per_call_amortizes_small_steps_only():
+    assert steps_per_call("object_store", 1e-4) == 1
+    assert steps_per_call("shared_memory", 0.0) == 1
+    assert steps_per_call("shared_memory", 0.05) == 1
+    assert steps_per_call("shared_memory", 1e-3) == 20
+    assert steps_per_call("shared_memory", 1e-6) == 64
+
+
+needs_shm = pytest.mark.skipif(not shared_memory_available(), reason="needs /dev/shm on x86")
+
+
+def _pair(tmp_prefix):
+    wires = [SharedMemoryWire(r, 4, np.float32, tmp_prefix) for r in range(2)]
+    for w in wires:
+        w.attach({0: wires[0].paths, 1: wires[1].paths}, {})
+    for w in wires:
+        w.unlink()
+    return wires
+
+
+@needs_shm
+def test_shared_memory_wire_hands_over_alternating_buffers(request):
+    a, b = _pair(f"raytorch-test-{request.node.name}")
+    a.publish(torch.full((4,), 1.0), step=0)
+    b.publish(torch.full((4,), 2.0), step=0)
+    assert b.read((0, 0)).tolist() == [1.0] * 4 and a.read((1, 0)).tolist() == [2.0] * 4
+    a.publish(torch.full((4,), 3.0), step=1)  # the other buffer: step 0's is still readable
+    assert b.read((0, 0)).tolist() == [1.0] * 4 and b.read((0, 1)).tolist() == [3.0] * 4
+
+
+@needs_shm
+def test_reader_waits_for_publish_and_writer_waits_for_readers(request):
+    a, b = _pair(f"raytorch-test-{request.node.name}")
+    got = []
+    reader = threading.Thread(target=lambda: got.append(b.read((0, 0)).tolist()))
+    reader.start()
+    reader.join(timeout=0.2)
+    assert reader.is_alive()  # nothing published yet: it waits
+    a.publish(torch.full((4,), 5.0), step=0)
+    reader.join(timeout=5)
+    assert got == [[5.0] * 4]
+    a.publish(torch.full((4,), 6.0), step=1)
+    writer = threading.Thread(target=lambda: a.publish(torch.full((4,), 7.0), step=2))
+    writer.start()
+    writer.join(timeout=0.2)
+    assert writer.is_alive()  # b has not applied step 0, whose buffer step 2 reuses
+    b.applied(0)
+    writer.join(timeout=5)
+    assert not writer.is_alive() and b.read((0, 2)).tolist() == [7.0] * 4
+
+
+@needs_shm
+def test_a_failed_peer_stops_the_wait(request):
+    a, b = _pair(f"raytorch-test-{request.node.name}")
+    a.fail()
+    with pytest.raises(PeerFailed, match="replica 0 failed"):
+        b.read((0, 3))
