@@ -36,7 +36,7 @@ SSHD = "/usr/sbin/sshd"
 HANG_GUARD_S = 120  # per command: a guard against hangs, not a timing assertion
 TRAIN = "python scripts/train.py --address auto --epochs 1 --workers 1"  # the job, run on the head
 
-# The natural home of the marker is pyproject's `markers`; registered here, the module carries it alone.
+# Registered in pyproject.toml's `markers`; `-m "not ray_up"` deselects this module.
 pytestmark = pytest.mark.ray_up
 
 SSHD_CONFIG = """\
