@@ -43,7 +43,7 @@ def main() -> int:
     keep_on_loopback()
     import ray
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}})
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     runs = make_runs(args.workers)

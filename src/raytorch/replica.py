@@ -74,9 +74,9 @@ class Replica:
 
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
                  loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
+        self.rank = rank
         self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
-        self.rank = rank
         self.steps = 0
         self.device = replica_device(config.device)
         self.model = model_fn().to(self.device)
@@ -91,7 +91,8 @@ class Replica:
         self.schedule = make_schedule(config.lr_schedule, self.optimizer, total_steps)
 
     def __repr__(self) -> str:
-        return f"Replica(rank={self.rank}, device={self.device})"
+        # Ray calls this even for an actor whose __init__ failed half way.
+        return f"Replica(rank={getattr(self, 'rank', '?')}, device={getattr(self, 'device', '?')})"
 
     def ready(self) -> dict:
         """Where this replica runs: answered once it is fully built."""
