@@ -58,14 +58,20 @@ def main() -> int:
                                    steps_per_s=workload.steps / figures["seconds"],
                                    samples_per_s=workload.steps * workload.batch_size / figures["seconds"])
                     raw["runs"].append(figures)
+                    save(raw, args.json)  # after every run: an interrupted benchmark keeps what it measured
                     print(f"round {round_} {name:7s} {system:26s} {figures['steps_per_s']:9.1f} steps/s", flush=True)
     if args.memory_steps:
         raw["memory"] = memory_check(args.workers, args.memory_steps)
     ray.shutdown()
-    Path(args.json).write_text(json.dumps(raw, indent=1))
+    save(raw, args.json)
     print_table(raw, args.workloads.split(","))
     print(f"\nraw figures: {args.json}")
     return 0
+
+
+def save(raw: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(raw, indent=1))
 
 
 def make_runs(workers: int) -> dict:
