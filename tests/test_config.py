@@ -85,3 +85,9 @@ def test_bad_config_files(tmp_path, text, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_default_schedule_follows_the_optimizer():
+    assert TrainConfig().schedule == "cosine"  # the default job: adam, cosine-decayed
+    assert TrainConfig(optimizer="sgd").schedule == "constant"  # the seed note's plain SGD
+    assert TrainConfig(optimizer="sgd", lr_schedule="cosine").schedule == "cosine"

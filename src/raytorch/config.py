@@ -39,8 +39,8 @@ class TrainConfig:
     optimizer: OptimizerName = "adam"
     """torch.optim optimizer, with its default hyper-parameters except lr."""
 
-    lr_schedule: ScheduleName = "cosine"
-    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'constant' keeps it."""
+    lr_schedule: Optional[ScheduleName] = None
+    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'constant' keeps it. Default: cosine for adam/adamw (the default job's recipe), constant for sgd (the seed note's)."""
 
     seed: int = 0
     """Seeds the initial weights, the built-in data and the sample order of every epoch."""
@@ -113,6 +113,13 @@ class TrainConfig:
                 raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}")
 
     @property
+    def schedule(self) -> str:
+        """The learning-rate schedule in effect."""
+        if self.lr_schedule is not None:
+            return self.lr_schedule
+        return "constant" if self.optimizer == "sgd" else "cosine"
+
+    @property
     def replica_gpus(self) -> float:
         """GPUs each replica reserves."""
         if self.gpus_per_replica is not None:
@@ -168,6 +175,8 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
 def field_choices(name: str, cls: type = TrainConfig) -> tuple | None:
     """The allowed values of a Literal-typed field, or None."""
     hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]: look at X
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 

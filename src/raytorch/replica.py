@@ -88,7 +88,7 @@ class Replica:
         self.host_grad = self.flat_grad if self.device.type == "cpu" else torch.empty_like(self.flat_grad, device="cpu")
         self.wire = ObjectStoreWire()
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
-        self.schedule = make_schedule(config.lr_schedule, self.optimizer, total_steps)
+        self.schedule = make_schedule(config.schedule, self.optimizer, total_steps)
 
     def __repr__(self) -> str:
         # Ray calls this even for an actor whose __init__ failed half way.
