@@ -98,3 +98,15 @@ def test_batch_larger_than_dataset_with_drop_last(ray_local):
     config = TrainConfig(workers=2, batch_size=50, drop_last=True)
     with pytest.raises(ConfigError, match="batch_size: 50 exceeds the 10 training samples"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
+
+
+def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, monkeypatch, tmp_path, capsys):
+    import raytorch.placement
+
+    marker = tmp_path / "ray_bootstrap_config.yaml"  # what the cluster launcher leaves on the head node
+    marker.write_text("{}")
+    monkeypatch.setattr(raytorch.placement, "AUTOSCALER_MARKER", marker)
+    config = TrainConfig(workers=64, batch_size=64, resource_timeout=2)
+    with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU after 2 s: the cluster has 1 node"):
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
+    assert "Waiting up to 2 s for room for 64 replicas of 1 CPU (the autoscaler may add nodes)" in capsys.readouterr().out

@@ -75,6 +75,8 @@ class Replica:
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
                  loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
         self.rank = rank
+        import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
+
         self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         self.steps = 0
