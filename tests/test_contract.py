@@ -1,6 +1,7 @@
 """The training contract: W replicas train exactly what one plain PyTorch process trains."""
 
 import json
+from pathlib import Path
 from functools import partial
 
 import pytest
@@ -88,3 +89,6 @@ def test_bring_your_own_model_and_dataset_with_eval(ray_local, tmp_path):
     assert records[-1]["eval_loss"] == result.eval_loss
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert TrainConfig(**saved) == config
+    # the shared-memory wire unlinks its buffers as soon as the peers have mapped them
+    assert {m["wire_buffers"] > 0 for m in result.replica_memory} == {True}
+    assert not list(Path("/dev/shm").glob("raytorch-*"))
