@@ -18,6 +18,7 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["constant", "cosine"]
 DeviceName = Literal["cpu", "cuda"]
 ReductionName = Literal["auto", "shared_memory", "object_store"]
+PlacementName = Literal["pack", "spread"]
 
 
 @dataclass(kw_only=True)
@@ -65,6 +66,9 @@ class TrainConfig:
 
     gpus_per_replica: Optional[float] = None
     """GPUs per replica with device 'cuda' (fractions share a GPU); default 1 for cuda, 0 for cpu."""
+
+    placement: PlacementName = "pack"
+    """How replicas are laid over nodes (Ray's placement-group strategy): 'pack' (as few nodes as hold them: locality, shared-memory gradients) or 'spread' (over distinct nodes where there are enough, best effort: a lost node takes fewer replicas with it)."""
 
     reduction: ReductionName = "auto"
     """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm), 'object_store' (Ray objects, any cluster), 'auto' (shared_memory where all replicas share a node)."""

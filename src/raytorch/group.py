@@ -28,7 +28,7 @@ def replica_group(config: TrainConfig, run_name: str, **replica_args) -> Iterato
     Yields the actor handles (index = rank) and what each replica reported on start.
     A start that fails half way still kills what it started and frees the reservation.
     """
-    group = reserve(config.workers, replica_resources(config), config.resource_timeout)
+    group = reserve(config.workers, replica_resources(config), config.placement, config.resource_timeout)
     actors: list = []
     try:
         actor_class = ray.remote(Replica)

@@ -30,8 +30,14 @@ def describe_cluster(node_resources: list[dict[str, float]]) -> str:
     return f"{len(node_resources)} node(s) with {cpus:g} CPU and {gpus:g} GPU in all"
 
 
-def reserve(workers: int, bundle: dict[str, float], timeout_s: float | None) -> PlacementGroup:
-    """A ready placement group of `workers` bundles, or a ClusterError that says what the cluster has."""
+def reserve(workers: int, bundle: dict[str, float], strategy: str, timeout_s: float | None) -> PlacementGroup:
+    """A ready placement group of `workers` bundles, or a ClusterError that says what the cluster has.
+
+    Args:
+        strategy: 'pack' or 'spread', as Ray's PACK and SPREAD. SPREAD, not STRICT_SPREAD: it puts
+            the bundles on distinct nodes where it can and shares nodes where it must, so the same
+            room check holds for both, and W replicas need not wait for W nodes.
+    """
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     autoscaling = AUTOSCALER_MARKER.exists()
     fits = replicas_that_fit(nodes, bundle)
@@ -41,7 +47,7 @@ def reserve(workers: int, bundle: dict[str, float], timeout_s: float | None) -> 
             f"{workers} replicas of {ask} each cannot fit: the cluster has {describe_cluster(nodes)} "
             f"(room for {fits}); lower --workers or the per-replica resources, or add nodes")
     wait = timeout_s if timeout_s is not None else (DEFAULT_AUTOSCALE_WAIT_S if autoscaling else DEFAULT_WAIT_S)
-    group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy.upper())
     started = time.monotonic()
     if not group.wait(timeout_seconds=1.0):
         print(f"Waiting up to {wait:g} s for room for {workers} replicas of {ask} "

@@ -1,0 +1,93 @@
+"""A multi-node Ray cluster on 127.0.0.1 in this one process, and raytorch training runs on it.
+
+Run by tests/test_multinode.py in a subprocess: the test session holds its own Ray, and one process
+holds one Ray connection. Set RAY_TMPDIR to a fresh, short directory: the nodes' sessions and the
+cluster-address file then stay out of /tmp/ray, where other Rays of this machine live.
+
+    RAY_TMPDIR=/tmp/rt-x python tests/multinode_job.py --nodes 3 --cpus-per-node 2 --workers 3 --placement spread
+
+Prints, per placement, one JSON line: the nodes the replicas ran on (from the driver's own
+"replica-r: ..., node ..." lines), the gradient wire, the trained parameters and the epoch losses.
+"""
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: every node on 127.0.0.1
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+from functools import partial
+
+import ray
+import torch.nn.functional as F
+from ray.cluster_utils import Cluster
+
+from raytorch import TrainConfig, Trainer
+from raytorch.builtins import linear, linear_data
+
+# The one job, shared with the test that checks it against plain PyTorch.
+JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)
+DATA = partial(linear_data, 130, 7)
+MODEL = partial(linear, 1, 1)
+LOSS = F.mse_loss
+
+REPLICA_LINE = re.compile(r"^replica-(\d+): \S+, node (\w+), pid \d+, gradients via (\w+)$", re.M)
+
+
+class Tee(io.StringIO):
+    """Keeps what is printed and passes it on, so the run's console still shows in the test's output."""
+
+    def write(self, text):
+        sys.__stderr__.write(text)
+        return super().write(text)
+
+
+def train(workers: int, placement: str) -> dict:
+    config = TrainConfig(workers=workers, placement=placement, reduction="auto", **JOB)
+    console = Tee()
+    with contextlib.redirect_stdout(console):
+        result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, loss_fn=LOSS).fit()
+    replicas = REPLICA_LINE.findall(console.getvalue())
+    return {
+        "placement": placement,
+        "replica_nodes": [node for _, node, _ in sorted(replicas, key=lambda r: int(r[0]))],
+        "wires": sorted({wire for _, _, wire in replicas}),
+        "params": {name: p.detach().flatten().tolist() for name, p in result.model.named_parameters()},
+        "epoch_losses": result.epoch_losses,
+        "digests": sorted(set(result.replica_digests)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--cpus-per-node", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--placement", action="append", choices=["pack", "spread"])
+    args = parser.parse_args()
+    assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
+    # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        assert cluster.address.startswith("127.0.0.1:"), cluster.address
+        nodes = [cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
+                 for _ in range(args.nodes)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        for placement in args.placement or ["spread"]:
+            record = train(args.workers, placement)
+            record["head_node"] = cluster.head_node.node_id[:12]
+            record["worker_nodes"] = sorted(n.node_id[:12] for n in nodes)
+            print(json.dumps(record), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

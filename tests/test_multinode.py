@@ -1,0 +1,100 @@
+"""Replicas on different nodes train what one plain PyTorch process trains.
+
+The nodes are a ray.cluster_utils.Cluster on 127.0.0.1 (a head with no CPU and three worker
+raylets), run by tests/multinode_job.py in a subprocess: the test session holds its own Ray.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytorch import ConfigError, TrainConfig
+
+from multinode_job import DATA, JOB, LOSS, MODEL
+from reference import assert_same_parameters, train_reference
+
+JOB_SCRIPT = Path(__file__).with_name("multinode_job.py")
+JOB_TIMEOUT_S = 180
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Pids whose command line or environment holds `marker` (Ray workers rename themselves, but
+    inherit the environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(marker.encode() in (proc / part).read_bytes() for part in ("cmdline", "environ")):
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+def run_job(*args: str) -> list[dict]:
+    """Run multinode_job.py with its own RAY_TMPDIR; kill whatever it leaves behind, then fail on it."""
+    temp_dir = tempfile.mkdtemp(prefix="rt-mn-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    job = subprocess.Popen([sys.executable, str(JOB_SCRIPT), *args], env=env, stdout=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, _ = job.communicate()
+        pytest.fail(f"multinode_job.py did not finish in {JOB_TIMEOUT_S} s; output:\n{out}")
+    finally:
+        left = wait_until_gone(temp_dir)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert job.returncode == 0, out
+    assert not left, f"processes of the cluster in {temp_dir} left running after cluster.shutdown(): {left}"
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def wait_until_gone(marker: str, timeout_s: float = 15.0) -> list[int]:
+    """Pids still mentioning `marker` after `timeout_s`: Ray's workers exit shortly after their raylet."""
+    deadline = time.monotonic() + timeout_s
+    while (left := processes_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # no event to await for another process tree's exit; poll /proc
+    return left
+
+
+def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_trains():
+    # Worker nodes of 2 CPUs each: 3 one-CPU replicas fit on 2 of them (pack) or take all 3 (spread).
+    runs = run_job("--nodes", "3", "--cpus-per-node", "2", "--workers", "3", "--placement", "spread",
+                   "--placement", "pack")
+    spread, pack = (next(r for r in runs if r["placement"] == p) for p in ("spread", "pack"))
+    assert len(set(spread["replica_nodes"])) == 3
+    assert len(set(pack["replica_nodes"])) == 2
+    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
+    for run in (spread, pack):
+        assert set(run["replica_nodes"]) <= set(run["worker_nodes"])  # none on the CPU-less head
+        assert run["wires"] == ["object_store"]  # auto: replicas on several nodes share no memory
+        assert len(run["digests"]) == 1
+        trained = MODEL()
+        shapes = trained.state_dict()
+        trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
+        assert_same_parameters(trained, expected)
+        assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
+
+
+def test_placement_is_a_checked_choice():
+    assert TrainConfig().placement == "pack"
+    with pytest.raises(ConfigError, match="placement: unknown value 'strict_spread'; choose one of pack, spread"):
+        TrainConfig(placement="strict_spread")
