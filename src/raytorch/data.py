@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -35,9 +36,69 @@ class ArrayDataset(Dataset):
         return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
 
 
+class NpyDataset(Dataset):
+    """(x[i], y[i]) pairs read from two .npy files, for data that does not fit one node's memory.
+
+    Each process that reads a sample memory-maps the files itself (np.load with mmap_mode="r"),
+    so the operating system pages in only the rows asked for. Pickled, it is two paths and a
+    length: what travels through Ray's object store is a few bytes, not the data.
+
+    The files must be reachable at the same absolute path on every node that runs a replica (a
+    shared filesystem, or copied there, e.g. by the cluster's file_mounts); relative paths are
+    made absolute here, in the driver, because replicas run in another working directory.
+    """
+
+    def __init__(self, x_path: str | os.PathLike, y_path: str | os.PathLike):
+        self.x_path, self.y_path = os.path.abspath(x_path), os.path.abspath(y_path)
+        x, y = _open_npy(self.x_path), _open_npy(self.y_path)  # fail here, in the driver, not in a replica
+        if len(x) != len(y):
+            raise ValueError(f"{self.x_path} has {len(x)} samples but {self.y_path} has {len(y)}")
+        self.length = len(x)
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"x_path": self.x_path, "y_path": self.y_path, "length": self.length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _arrays=None)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two memory maps, opened on first use in this process."""
+        if self._arrays is None:
+            self._arrays = _open_npy(self.x_path), _open_npy(self.y_path)
+        return self._arrays
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        x, y = self.arrays
+        return torch.tensor(x[i]), torch.tensor(y[i])
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The collated batch at `indices`: one fancy-index per file, reading only those rows."""
+        idx = np.asarray(indices, dtype=np.int64)
+        # Fancy indexing copies the rows out of the map into plain, writable arrays.
+        return tuple(torch.from_numpy(np.asarray(a[idx])) for a in self.arrays)
+
+
+def _open_npy(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except FileNotFoundError as e:
+        raise ValueError(f"{path}: no such file (it must exist at this path on every node)") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a memory-mappable .npy array ({e})") from e
+    if not isinstance(array, np.ndarray) or array.ndim == 0:
+        raise ValueError(f"{path}: not a .npy array of samples (got {type(array).__name__}, "
+                         f"shape {getattr(array, 'shape', None)})")
+    return array
+
+
 def fetch(dataset: Dataset, indices: Sequence[int]):
     """Collate the samples at `indices` into one batch, the way DataLoader would."""
-    if isinstance(dataset, ArrayDataset):
+    if isinstance(dataset, (ArrayDataset, NpyDataset)):
         return dataset.batch(indices)
     getitems = getattr(dataset, "__getitems__", None)  # torch's batched-fetch protocol
     samples = getitems(list(indices)) if getitems else [dataset[int(i)] for i in indices]
