@@ -49,13 +49,13 @@ def test_model_that_cannot_be_built(ray_local):
 
 
 class Doomed(torch.nn.Linear):
-    """Kills its own process (SIGKILL, as the OOM killer would) when it meets the sample x = 42."""
+    """Kills its own process (SIGKILL, as the OOM killer would) when it meets the sample x = -1."""
 
     def __init__(self):
         super().__init__(1, 1)
 
     def forward(self, x):
-        if (x == 42).any():
+        if (x == -1).any():
             os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(x)
 
@@ -63,7 +63,7 @@ class Doomed(torch.nn.Linear):
 @pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
 def test_a_killed_replica_is_named_and_its_peers_do_not_hang(ray_local, reduction):
     x = np.arange(64, dtype=np.float32).reshape(-1, 1)
-    x[44] = 42  # step 5 of 8, in the second replica's half
+    x[44] = -1  # the only one: step 5 of 8, in the second replica's half
     data = ArrayDataset(x, 2 * x)
     config = TrainConfig(workers=2, epochs=1, batch_size=8, shuffle=False, optimizer="sgd", lr=1e-5,
                          reduction=reduction)
