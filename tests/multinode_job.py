@@ -20,6 +20,7 @@ import io
 import json
 import re
 import sys
+import time
 from functools import partial
 
 import ray
@@ -62,6 +63,14 @@ def train(workers: int, placement: str) -> dict:
     }
 
 
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=3)
@@ -79,7 +88,11 @@ def main() -> None:
                  for _ in range(args.nodes)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
+        total = args.nodes * args.cpus_per_node
         for placement in args.placement or ["spread"]:
+            # the previous run's replicas and reservation are released asynchronously: a placement
+            # decided while they still hold CPUs would not show the strategy
+            wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, "all CPUs free again")
             record = train(args.workers, placement)
             record["head_node"] = cluster.head_node.node_id[:12]
             record["worker_nodes"] = sorted(n.node_id[:12] for n in nodes)
