@@ -33,6 +33,8 @@ def test_default_job_reproduces_the_seed_note():
     final = re.search(r"^Final loss is: ([\d.]+)$", proc.stdout, re.M)
     assert final and float(final.group(1)) < 0.01
     assert re.search(r"^Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)  # the local Ray stayed on loopback
+    assert re.search(r"^Done: 1000 steps on 2 replicas in [\d.]+ s \([\d,]+ samples/s\); last epoch loss [\d.]+, "
+                     r"eval loss [\d.]+$", proc.stdout, re.M)
 
 
 @pytest.mark.parametrize("args,field", [

@@ -74,11 +74,13 @@ def is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> Iterator[Session]:
+def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]] = None) -> Iterator[Session]:
     """Use the Ray this process already holds, join `address`, or start a local Ray on 127.0.0.1.
 
+    `metadata` labels the job Ray shows (its "job_name" is the Jobs page's Name column).
     Ray started or joined here is shut down (or disconnected) on exit.
     """
+    metadata = metadata or {"job_name": "raytorch"}
     if ray.is_initialized():
         yield _describe(started_here=False)
         return
@@ -86,7 +88,7 @@ def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> It
     if target is None:
         keep_on_loopback()
         # "local": a new instance even where `ray start` left a cluster running on this machine.
-        _init(job_name, address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        _init(metadata, address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         session = _describe(started_here=True)
         if not session.gcs_address.startswith("127.0.0.1:"):
             ray.shutdown()
@@ -100,7 +102,7 @@ def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> It
                                f"RAY_ADDRESS, start one with `ray start --head`, or drop --address for a local Ray") from e
         if is_loopback(host):
             keep_on_loopback()
-        _init(job_name, address=target)
+        _init(metadata, address=target)
         session = _describe(started_here=False)
     try:
         yield session
@@ -108,10 +110,10 @@ def ray_session(address: Optional[str] = None, job_name: str = "raytorch") -> It
         ray.shutdown()
 
 
-def _init(job_name: str, **kwargs) -> None:
+def _init(metadata: dict[str, str], **kwargs) -> None:
     try:
         ray.init(logging_level=logging.WARNING,
-                 job_config=ray.job_config.JobConfig(metadata={"job_name": job_name}), **kwargs)
+                 job_config=ray.job_config.JobConfig(metadata=metadata), **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"Ray did not start or connect: {e}") from e
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import deque
@@ -22,7 +23,7 @@ from .errors import ConfigError
 from .group import gather, replica_group
 from .plan import plan_steps, steps_per_call
 from .reduce import weighted_mean
-from .report import RunDir, epoch_line, final_line, is_scalar_linear
+from .report import RunDir, epoch_line, final_line, is_scalar_linear, summary_line
 from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
 # Calls the driver submits ahead of the losses it has gathered: Ray's per-call latency then
@@ -82,7 +83,8 @@ class Trainer:
         model = self.model_fn()
         init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        with ray_session(config.address, job_name=run_name) as session:
+        metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
+        with ray_session(config.address, metadata) as session:
             self._say(f"Ray at {session.gcs_address}" + (f", dashboard {session.dashboard_url}" if session.dashboard_url else ""))
             with replica_group(
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
@@ -161,6 +163,8 @@ class Trainer:
         wall = time.perf_counter() - started
         if eval_losses:
             self._say(final_line(eval_losses[-1]))
+        self._say(summary_line(epoch_losses[-1], eval_losses[-1] if eval_losses else None, steps_done,
+                               samples_done, wall, workers))
         digests = gather(replicas, [r.digest.remote() for r in replicas])
         memory = gather(replicas, [r.memory.remote() for r in replicas])
         if len(set(digests)) != 1:

@@ -34,6 +34,14 @@ def final_line(eval_loss: float) -> str:
     return f"Final loss is: {eval_loss:.6f}"
 
 
+def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: int, wall_s: float,
+                 workers: int) -> str:
+    """The run's last line: what it reached and what it cost."""
+    evaluated = f", eval loss {eval_loss:.6f}" if eval_loss is not None else ""
+    return (f"Done: {steps} steps on {workers} replicas in {wall_s:.1f} s ({samples / wall_s:,.0f} samples/s); "
+            f"last epoch loss {loss:.6f}{evaluated}")
+
+
 class RunDir:
     """The run directory: the resolved config (config.yaml) and metrics.jsonl, one object per epoch."""
 
