@@ -112,3 +112,32 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU after 2 s: the cluster has 1 node"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
     assert "Waiting up to 2 s for room for 64 replicas of 1 CPU (the autoscaler may add nodes)" in capsys.readouterr().out
+
+
+def test_quiet_prints_nothing_and_still_trains(tmp_path):
+    proc = run_script("--quiet", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+class FakeTerminal(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    from raytorch.report import Progress
+
+    terminal = FakeTerminal()
+    bar = Progress(stream=terminal, min_interval_s=0)
+    bar.start(epoch=3, steps=10)
+    bar.advance(steps=4, samples=400, running_loss=0.25)
+    bar.close()
+    assert "epoch 3" in terminal.getvalue() and "4/10" in terminal.getvalue() and "loss=0.250000" in terminal.getvalue()
+    pipe = __import__("io").StringIO()  # not a terminal: CI, `ray job` logs
+    plain = Progress(stream=pipe)
+    plain.start(epoch=0, steps=10)
+    plain.advance(steps=10, samples=1000, running_loss=0.1)
+    plain.close()
+    assert pipe.getvalue() == ""

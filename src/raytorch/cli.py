@@ -19,6 +19,7 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
         "Defaults reproduce the seed note's y = 2x + 1 job on 2 replicas.",
         argument_default=argparse.SUPPRESS)  # only flags given on the command line override --config
     parser.add_argument("--config", metavar="FILE", help="YAML file of field: value pairs; flags override it")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -33,22 +34,28 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str]) -> TrainConfig:
+def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
+    """The run's config, and whether to keep the console quiet (not part of the config)."""
     args = vars(build_parser().parse_args(argv))
+    quiet = args.pop("quiet", False)
     path = args.pop("config", None)
-    return TrainConfig.from_yaml(path, **args) if path else TrainConfig(**args)
+    return (TrainConfig.from_yaml(path, **args) if path else TrainConfig(**args)), quiet
+
+
+def parse_config(argv: Sequence[str]) -> TrainConfig:
+    return parse_args(argv)[0]
 
 
 def train(argv: Sequence[str]) -> int:
     try:
-        config = parse_config(argv)
+        config, quiet = parse_args(argv)
         from . import builtins
         from .driver import Trainer  # imports Ray: after the config, so bad flags fail fast
 
         task = builtins.DATASETS[config.dataset]
         model_fn = partial(builtins.MODELS[config.model], task.in_features, task.out_features)
         Trainer(config, model_fn=model_fn, loss_fn=task.loss, dataset_fn=partial(task.train, config.seed),
-                eval_dataset_fn=partial(task.eval, config.seed)).fit()
+                eval_dataset_fn=partial(task.eval, config.seed), quiet=quiet).fit()
     except ConfigError as e:
         print(f"raytorch: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .group import gather, replica_group
 from .plan import plan_steps, steps_per_call
 from .reduce import weighted_mean
-from .report import RunDir, epoch_line, final_line, is_scalar_linear, summary_line
+from .report import Progress, RunDir, epoch_line, final_line, is_scalar_linear, summary_line
 from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
 # Calls the driver submits ahead of the losses it has gathered: Ray's per-call latency then
@@ -106,6 +106,7 @@ class Trainer:
         run_dir = RunDir(config.output_dir) if config.output_dir else None
         if run_dir:
             run_dir.write_config(config)
+        progress = Progress(enabled=not self.quiet)
         epoch_losses, eval_losses, epoch_times = [], [], []
         steps_done = samples_done = 0
         first_step_s = step_time = 0.0
@@ -117,6 +118,7 @@ class Trainer:
             carry, carried = None, []  # the last planned all-reduce, and the gradient refs it routes to
             batches = global_batches(epoch_order(train_size, config.seed, epoch, config.shuffle),
                                      config.batch_size, config.drop_last)
+            progress.start(epoch, len(batches))
             done = 0
             while done < len(batches):
                 chunk = batches[done:done + steps_per_call(wire, step_time)]
@@ -134,7 +136,7 @@ class Trainer:
                     gather(replicas, pending[0][0])
                     first_step_s = time.perf_counter() - self._fit_started
                 while len(pending) > CALLS_IN_FLIGHT:
-                    _collect(replicas, pending.popleft(), losses, counts)
+                    _collect(replicas, pending.popleft(), losses, counts, progress)
                     step_time = (time.perf_counter() - epoch_started) / len(losses)
                 done += len(chunk)
                 steps_done += len(chunk)
@@ -142,8 +144,9 @@ class Trainer:
             # step: every replica applies the epoch's last all-reduce
             applied = [r.apply.remote(carry, *carried) for r in replicas]
             while pending:
-                _collect(replicas, pending.popleft(), losses, counts)
+                _collect(replicas, pending.popleft(), losses, counts, progress)
             gather(replicas, applied)
+            progress.close()
             epoch_losses.append(weighted_mean(losses, counts))
             epoch_times.append(time.perf_counter() - epoch_started)
             # evaluate: each replica scores a contiguous part of the eval set
@@ -179,7 +182,7 @@ class Trainer:
             print(line, flush=True)
 
 
-def _collect(replicas: list, entry: tuple, losses: list, counts: list) -> None:
+def _collect(replicas: list, entry: tuple, losses: list, counts: list, progress: Progress) -> None:
     """Turn one call's per-replica loss lists into per-step sample-weighted losses."""
     refs, sizes_per_step = entry
     per_replica = gather(replicas, refs)
@@ -187,3 +190,4 @@ def _collect(replicas: list, entry: tuple, losses: list, counts: list) -> None:
         active = [r for r, n in enumerate(sizes) if n]
         losses.append(weighted_mean([per_replica[r][step] for r in active], [sizes[r] for r in active]))
         counts.append(sum(sizes))
+    progress.advance(len(sizes_per_step), sum(map(sum, sizes_per_step)), weighted_mean(losses, counts))

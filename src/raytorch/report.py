@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, TextIO
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from .config import TrainConfig
 
@@ -40,6 +43,34 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
     evaluated = f", eval loss {eval_loss:.6f}" if eval_loss is not None else ""
     return (f"Done: {steps} steps on {workers} replicas in {wall_s:.1f} s ({samples / wall_s:,.0f} samples/s); "
             f"last epoch loss {loss:.6f}{evaluated}")
+
+
+class Progress:
+    """A live bar per epoch (steps, running loss, samples/s, ETA) where the console is a terminal;
+    nothing where it is not (CI, `ray job` logs keep the plain per-epoch lines)."""
+
+    def __init__(self, stream: TextIO = sys.stdout, enabled: bool = True, min_interval_s: float = 0.1):
+        self.stream, self.min_interval_s = stream, min_interval_s
+        self.enabled = enabled and stream.isatty()
+        self.bar: Optional[tqdm] = None
+
+    def start(self, epoch: int, steps: int) -> None:
+        if self.enabled:
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=self.stream,
+                            dynamic_ncols=True, mininterval=self.min_interval_s)
+            self.started, self.samples = time.perf_counter(), 0
+
+    def advance(self, steps: int, samples: int, running_loss: float) -> None:
+        if self.bar is not None:
+            self.samples += samples
+            rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix_str(f"loss={running_loss:.6f}, {rate:,.0f} samples/s", refresh=False)
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class RunDir:
