@@ -16,7 +16,6 @@ from .device import replica_resources
 from .errors import ClusterError, PeerError, ReplicaError
 from .placement import reserve
 from .replica import Replica
-from .wire import shared_memory_available
 
 START_TIMEOUT_S = 300.0
 
@@ -52,10 +51,11 @@ def replica_group(config: TrainConfig, run_name: str, **replica_args) -> Iterato
 def connect_wire(reduction: str, actors: list, infos: list[dict], run_name: str) -> str:
     """Pick how gradients travel (see TrainConfig.reduction) and set it up; returns its name."""
     nodes = {info["node_id"] for info in infos}
-    if reduction == "shared_memory" and (len(nodes) > 1 or not shared_memory_available()):
-        raise ClusterError(f"reduction 'shared_memory' needs all replicas on one node with /dev/shm; they are on "
-                           f"{len(nodes)} node(s): use reduction 'auto' or 'object_store'")
-    if reduction == "object_store" or len(nodes) > 1 or not shared_memory_available():
+    possible = len(nodes) == 1 and all(info["shared_memory"] for info in infos)
+    if reduction == "shared_memory" and not possible:
+        raise ClusterError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are "
+                           f"on {len(nodes)} node(s): use reduction 'auto' or 'object_store'")
+    if reduction == "object_store" or not possible:
         return "object_store"
     paths = gather(actors, [a.share_memory.remote(run_name) for a in actors])
     pids = {info["rank"]: info["pid"] for info in infos}

@@ -21,7 +21,7 @@ from .device import replica_device, torch_threads
 from .errors import PeerError, ReplicaError
 from .optim import make_optimizer, make_schedule
 from .reduce import weighted_sum
-from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire
+from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire, shared_memory_available
 
 
 def attach_flat_grad(model: nn.Module) -> torch.Tensor:
@@ -99,7 +99,8 @@ class Replica:
     def ready(self) -> dict:
         """Where this replica runs: answered once it is fully built."""
         return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
-                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+                "shared_memory": shared_memory_available()}  # judged where the replica runs
 
     @_reported
     @ray.method(num_returns=2)  # innermost: Ray reads it from the unwrapped function
