@@ -132,12 +132,12 @@ def test_progress_bar_only_on_a_terminal():
     terminal = FakeTerminal()
     bar = Progress(stream=terminal, min_interval_s=0)
     bar.start(epoch=3, steps=10)
-    bar.advance(steps=4, samples=400, running_loss=0.25)
+    bar.advance(steps=4, samples=400, loss_sum=100.0)
     bar.close()
     assert "epoch 3" in terminal.getvalue() and "4/10" in terminal.getvalue() and "loss=0.250000" in terminal.getvalue()
     pipe = __import__("io").StringIO()  # not a terminal: CI, `ray job` logs
     plain = Progress(stream=pipe)
     plain.start(epoch=0, steps=10)
-    plain.advance(steps=10, samples=1000, running_loss=0.1)
+    plain.advance(steps=10, samples=1000, loss_sum=100.0)
     plain.close()
     assert pipe.getvalue() == ""

@@ -186,8 +186,10 @@ def _collect(replicas: list, entry: tuple, losses: list, counts: list, progress:
     """Turn one call's per-replica loss lists into per-step sample-weighted losses."""
     refs, sizes_per_step = entry
     per_replica = gather(replicas, refs)
+    first = len(losses)
     for step, sizes in enumerate(sizes_per_step):
         active = [r for r, n in enumerate(sizes) if n]
         losses.append(weighted_mean([per_replica[r][step] for r in active], [sizes[r] for r in active]))
         counts.append(sum(sizes))
-    progress.advance(len(sizes_per_step), sum(map(sum, sizes_per_step)), weighted_mean(losses, counts))
+    progress.advance(len(sizes_per_step), sum(counts[first:]),
+                     sum(loss * n for loss, n in zip(losses[first:], counts[first:])))

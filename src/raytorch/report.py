@@ -58,13 +58,16 @@ class Progress:
         if self.enabled:
             self.bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=self.stream,
                             dynamic_ncols=True, mininterval=self.min_interval_s)
-            self.started, self.samples = time.perf_counter(), 0
+            self.started, self.samples, self.loss_sum = time.perf_counter(), 0, 0.0
 
-    def advance(self, steps: int, samples: int, running_loss: float) -> None:
+    def advance(self, steps: int, samples: int, loss_sum: float) -> None:
+        """`steps` more done, holding `samples` samples whose losses add up to `loss_sum`."""
         if self.bar is not None:
             self.samples += samples
+            self.loss_sum += loss_sum
             rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"loss={running_loss:.6f}, {rate:,.0f} samples/s", refresh=False)
+            running = self.loss_sum / self.samples  # the epoch's sample-weighted mean so far
+            self.bar.set_postfix_str(f"loss={running:.6f}, {rate:,.0f} samples/s", refresh=False)
             self.bar.update(steps)
 
     def close(self) -> None:
