@@ -8,6 +8,10 @@ cluster-address file then stay out of /tmp/ray, where other Rays of this machine
 
 Prints, per placement, one JSON line: the nodes the replicas ran on (from the driver's own
 "replica-r: ..., node ..." lines), the gradient wire, the trained parameters and the epoch losses.
+
+With --node-loss: one node per worker plus one spare, two runs of two replicas spread over the
+nodes; in each, the node holding replica-1 is removed mid-run (held at a gate, see faults.Gated).
+The first run has the spare to replace it on, the second has none and goes on with one replica.
 """
 
 import os
@@ -20,8 +24,11 @@ import io
 import json
 import re
 import sys
+import tempfile
+import threading
 import time
 from functools import partial
+from pathlib import Path
 
 import ray
 import torch.nn.functional as F
@@ -30,12 +37,15 @@ from ray.cluster_utils import Cluster
 from raytorch import TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
 
+from faults import Gated
+
 # The one job, shared with the test that checks it against plain PyTorch.
 JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)
 DATA = partial(linear_data, 130, 7)
 MODEL = partial(linear, 1, 1)
 LOSS = F.mse_loss
 
+REPLICA_1 = re.compile(r"^replica-1: \S+, node (\w+), pid \d+", re.M)
 REPLICA_LINE = re.compile(r"^replica-(\d+): \S+, node (\w+), pid \d+, gradients via (\w+)$", re.M)
 
 
@@ -63,6 +73,40 @@ def train(workers: int, placement: str) -> dict:
     }
 
 
+def train_losing_a_node(cluster: Cluster, replace_timeout: float) -> dict:
+    """Two replicas spread over the nodes; the node of replica-1 is removed once both are held at
+    the gate (at their 8th step: epoch 1)."""
+    gate = Path(tempfile.mkdtemp(prefix="gate-"))
+    (gate / "hold").touch()
+
+    def remove_node():
+        wait_for(lambda: len(list(gate.glob("reached-*"))) >= 2, "both replicas at the gate")
+        node = REPLICA_1.search(console.getvalue()).group(1)  # the driver's own line for replica-1
+        [doomed] = [n for n in cluster.worker_nodes if n.node_id.startswith(node)]
+        removed.append(node)
+        cluster.remove_node(doomed)
+        (gate / "hold").unlink()
+
+    removed: list[str] = []
+    console = Tee()
+    config = TrainConfig(workers=2, placement="spread", replace_timeout=replace_timeout, **JOB)
+    with contextlib.redirect_stdout(console):
+        remover = threading.Thread(target=remove_node, daemon=True)
+        remover.start()
+        result = Trainer(config, model_fn=partial(Gated, str(gate), 8), dataset_fn=DATA, loss_fn=LOSS).fit()
+        remover.join()
+    replicas = REPLICA_LINE.findall(console.getvalue())
+    return {
+        "replace_timeout": replace_timeout,
+        "removed_node": removed[0],
+        "replica_nodes": [node for _, node, _ in sorted(replicas, key=lambda r: int(r[0]))],
+        "restarts": result.restarts,
+        "params": {name: p.detach().flatten().tolist() for name, p in result.model.named_parameters()},
+        "epoch_losses": result.epoch_losses,
+        "digests": sorted(set(result.replica_digests)),
+    }
+
+
 def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -77,6 +121,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-node", type=int, default=2)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--placement", action="append", choices=["pack", "spread"])
+    parser.add_argument("--node-loss", action="store_true")
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
     # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
@@ -89,6 +134,11 @@ def main() -> None:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         total = args.nodes * args.cpus_per_node
+        if args.node_loss:
+            for replace_timeout in (60.0, 5.0):  # the second run finds no node left to replace on
+                wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "two CPUs free")
+                print(json.dumps(train_losing_a_node(cluster, replace_timeout)), flush=True)
+            return
         for placement in args.placement or ["spread"]:
             # the previous run's replicas and reservation are released asynchronously: a placement
             # decided while they still hold CPUs would not show the strategy

@@ -1,10 +1,14 @@
 """The oracle: plain single-process PyTorch training, written here without any raytorch helper."""
 
+import math
+
 import torch
 
 
 def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr, optimizer,
-                    lr_schedule="constant", shuffle=True, drop_last=False):
+                    lr_schedule="constant", shuffle=True, drop_last=False, skip_nonfinite=False):
+    """skip_nonfinite: a step whose loss or gradient is NaN or inf leaves the weights as they are
+    (the schedule still steps) and is left out of the epoch's mean loss."""
     torch.manual_seed(seed)
     model = model_fn()
     opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](
@@ -17,17 +21,19 @@ def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr,
     losses = []
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
-        total = 0.0
+        total, counted = 0.0, 0
         for k in range(steps):
             idx = order[k * batch_size:(k + 1) * batch_size]
             opt.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
-            opt.step()
+            finite = math.isfinite(loss.item()) and all(p.grad.isfinite().all() for p in model.parameters())
+            if finite or not skip_nonfinite:
+                opt.step()
+                total, counted = total + loss.item() * len(idx), counted + len(idx)
             if sched:
                 sched.step()
-            total += loss.item() * len(idx)
-        losses.append(total / min(n, steps * batch_size))
+        losses.append(total / counted)
     return model, losses
 
 

@@ -1,5 +1,6 @@
 """The driver script end to end, and bad input: one line, non-zero exit, before any work is lost."""
 
+import json
 import os
 import re
 import socket
@@ -118,7 +119,8 @@ def test_quiet_prints_nothing_and_still_trains(tmp_path):
     proc = run_script("--quiet", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [0]
 
 
 class FakeTerminal(__import__("io").StringIO):

@@ -84,6 +84,7 @@ def test_bring_your_own_model_and_dataset_with_eval(ray_local, tmp_path):
         assert result.eval_loss == pytest.approx(F.mse_loss(expected(evaluation.x), evaluation.y).item(), rel=1e-5)
     assert len(result.eval_losses) == 4
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["event"] == "epoch"]
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
     assert [r["loss"] for r in records] == result.epoch_losses
     assert records[-1]["eval_loss"] == result.eval_loss

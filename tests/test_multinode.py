@@ -45,7 +45,8 @@ def run_job(*args: str) -> list[dict]:
     """Run multinode_job.py with its own RAY_TMPDIR; kill whatever it leaves behind, then fail on it."""
     temp_dir = tempfile.mkdtemp(prefix="rt-mn-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.update(RAY_TMPDIR=temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PYTHONPATH=str(JOB_SCRIPT.parent))  # replicas import the fault-injecting model from tests/
     job = subprocess.Popen([sys.executable, str(JOB_SCRIPT), *args], env=env, stdout=subprocess.PIPE,
                            text=True, start_new_session=True)
     try:
@@ -92,6 +93,23 @@ def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_tr
         trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
         assert_same_parameters(trained, expected)
         assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
+
+
+def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewer():
+    replaced, shrunk = run_job("--nodes", "3", "--cpus-per-node", "1", "--node-loss")
+    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
+    for run in (replaced, shrunk):
+        assert run["removed_node"] in run["replica_nodes"]
+        assert len(run["digests"]) == 1
+        trained = MODEL()
+        shapes = trained.state_dict()
+        trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
+        assert_same_parameters(trained, expected)
+        assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
+    [restart] = replaced["restarts"]
+    assert restart["replicas"] == ["replica-1"] and restart["replaced"] == ["replica-1"] and restart["workers"] == 2
+    [restart] = shrunk["restarts"]
+    assert restart["dropped"] == ["replica-1"] and restart["workers"] == 1
 
 
 def test_placement_is_a_checked_choice():

@@ -53,32 +53,47 @@ def _pair(tmp_prefix):
 @needs_shm
 def test_shared_memory_wire_hands_over_alternating_buffers(request):
     a, b = _pair(f"raytorch-test-{request.node.name}")
-    a.publish(torch.full((4,), 1.0), step=0)
-    b.publish(torch.full((4,), 2.0), step=0)
-    assert b.read((0, 0)).tolist() == [1.0] * 4 and a.read((1, 0)).tolist() == [2.0] * 4
-    a.publish(torch.full((4,), 3.0), step=1)  # the other buffer: step 0's is still readable
-    assert b.read((0, 0)).tolist() == [1.0] * 4 and b.read((0, 1)).tolist() == [3.0] * 4
+    a.publish(torch.full((4,), 1.0), step=0, loss=0.5)
+    b.publish(torch.full((4,), 2.0), step=0, loss=0.5)
+    assert b.read((0, 0))[0].tolist() == [1.0] * 4 and a.read((1, 0))[0].tolist() == [2.0] * 4
+    a.publish(torch.full((4,), 3.0), step=1, loss=1.5)  # the other buffer: step 0's is still readable
+    assert b.read((0, 0))[0].tolist() == [1.0] * 4 and b.read((0, 1))[0].tolist() == [3.0] * 4
+    assert b.read((0, 0))[1] == 0.5 and b.read((0, 1))[1] == 1.5  # each step's loss comes with it
+
+
+@needs_shm
+def test_fresh_buffers_for_a_replica_that_resumes_at_a_later_step(request):
+    """After a recovery every replica is at step s: the counters start there, so nobody waits for
+    steps before s."""
+    prefix = f"raytorch-test-{request.node.name}"
+    a, b = (SharedMemoryWire(r, 4, np.float32, prefix, step=40) for r in range(2))
+    for w in (a, b):
+        w.attach({0: a.paths, 1: b.paths}, {})
+    for w in (a, b):
+        w.unlink()
+    a.publish(torch.full((4,), 1.0), step=40, loss=0.25)  # would wait for b to apply step 38 otherwise
+    assert b.read((0, 40))[0].tolist() == [1.0] * 4
 
 
 @needs_shm
 def test_reader_waits_for_publish_and_writer_waits_for_readers(request):
     a, b = _pair(f"raytorch-test-{request.node.name}")
     got = []
-    reader = threading.Thread(target=lambda: got.append(b.read((0, 0)).tolist()))
+    reader = threading.Thread(target=lambda: got.append(b.read((0, 0))[0].tolist()))
     reader.start()
     reader.join(timeout=0.2)
     assert reader.is_alive()  # nothing published yet: it waits
-    a.publish(torch.full((4,), 5.0), step=0)
+    a.publish(torch.full((4,), 5.0), step=0, loss=0.5)
     reader.join(timeout=5)
     assert got == [[5.0] * 4]
-    a.publish(torch.full((4,), 6.0), step=1)
-    writer = threading.Thread(target=lambda: a.publish(torch.full((4,), 7.0), step=2))
+    a.publish(torch.full((4,), 6.0), step=1, loss=1.5)
+    writer = threading.Thread(target=lambda: a.publish(torch.full((4,), 7.0), step=2, loss=2.5))
     writer.start()
     writer.join(timeout=0.2)
     assert writer.is_alive()  # b has not applied step 0, whose buffer step 2 reuses
     b.applied(0)
     writer.join(timeout=5)
-    assert not writer.is_alive() and b.read((0, 2)).tolist() == [7.0] * 4
+    assert not writer.is_alive() and b.read((0, 2))[0].tolist() == [7.0] * 4
 
 
 @needs_shm

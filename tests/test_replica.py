@@ -37,7 +37,7 @@ def test_two_replicas_step_like_one_process():
     model_fn = lambda: torch.nn.Linear(1, 1)  # noqa: E731
     replicas = [_replica(r, config, model_fn, data) for r in range(2)]
     results = [r.run([(np.arange(3 * i, 3 * i + 3), None)]) for i, r in enumerate(replicas)]
-    grads = [g.copy() for g, _ in results]  # run hands back a view of its buffer; Ray would copy it
+    grads = [(g.copy(), loss) for (g, loss), _ in results]  # a view of its buffer and its loss; Ray would copy
     for r in replicas:
         r.apply(([0.5, 0.5], [0, 1]), *grads)
 

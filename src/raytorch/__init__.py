@@ -5,6 +5,7 @@ N replicas compute the same training run as one process, to float tolerance, wha
 
 from .config import TrainConfig
 from .driver import Trainer, TrainResult
-from .errors import ClusterError, ConfigError, RaytorchError, ReplicaError
+from .errors import CheckpointError, ClusterError, ConfigError, NonFiniteError, RaytorchError, ReplicaError
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "RaytorchError", "ConfigError", "ClusterError", "ReplicaError"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "RaytorchError", "ConfigError",
+           "ClusterError", "ReplicaError", "NonFiniteError", "CheckpointError"]

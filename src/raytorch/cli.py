@@ -20,6 +20,9 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)  # only flags given on the command line override --config
     parser.add_argument("--config", metavar="FILE", help="YAML file of field: value pairs; flags override it")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest valid checkpoint (same flags as the "
+                             "interrupted run; workers may differ); output goes on into RUN_DIR")
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -34,12 +37,14 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
-    """The run's config, and whether to keep the console quiet (not part of the config)."""
+def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
+    """The run's config, and the options that are not part of it (quiet, resume)."""
     args = vars(build_parser().parse_args(argv))
-    quiet = args.pop("quiet", False)
+    options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None)}
     path = args.pop("config", None)
-    return (TrainConfig.from_yaml(path, **args) if path else TrainConfig(**args)), quiet
+    if options["resume_from"] and "output_dir" not in args:
+        args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
+    return (TrainConfig.from_yaml(path, **args) if path else TrainConfig(**args)), options
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:
@@ -48,14 +53,14 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 
 def train(argv: Sequence[str]) -> int:
     try:
-        config, quiet = parse_args(argv)
+        config, options = parse_args(argv)
         from . import builtins
         from .driver import Trainer  # imports Ray: after the config, so bad flags fail fast
 
         task = builtins.DATASETS[config.dataset]
         model_fn = partial(builtins.MODELS[config.model], task.in_features, task.out_features)
         Trainer(config, model_fn=model_fn, loss_fn=task.loss, dataset_fn=partial(task.train, config.seed),
-                eval_dataset_fn=partial(task.eval, config.seed), quiet=quiet).fit()
+                eval_dataset_fn=partial(task.eval, config.seed), **options).fit()
     except ConfigError as e:
         print(f"raytorch: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,12 @@ ScheduleName = Literal["constant", "cosine"]
 DeviceName = Literal["cpu", "cuda"]
 ReductionName = Literal["auto", "shared_memory", "object_store"]
 PlacementName = Literal["pack", "spread"]
+NonFiniteAction = Literal["stop", "skip"]
+
+# The fields that define what a run computes. A resumed run must match its checkpoint in these;
+# the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
+RUN_DEFINING = ("epochs", "batch_size", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
+                "model", "dataset", "on_nonfinite")
 
 
 @dataclass(kw_only=True)
@@ -80,7 +86,25 @@ class TrainConfig:
     """Seconds to wait for a busy cluster to make room for the replicas: default 60, or 600 where an autoscaler can add nodes. A request the cluster can never hold fails at once unless an autoscaler can add nodes."""
 
     output_dir: Optional[str] = None
-    """Run directory for the resolved config and metrics.jsonl; nothing is written without it."""
+    """Run directory for the resolved config, metrics.jsonl, checkpoints and the final model.pt; nothing is written without it."""
+
+    checkpoint_every: int = 0
+    """With output_dir: also checkpoint every N steps (a checkpoint is always written at each epoch's end); 0: epoch ends only."""
+
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep in output_dir/checkpoints."""
+
+    replace_timeout: float = 60.0
+    """Seconds to wait for a lost replica's replacement to start; after that the run goes on with fewer replicas (the result does not depend on their number)."""
+
+    min_workers: int = 1
+    """Fewest replicas the run goes on with after losses it cannot replace; below it the run stops with a checkpoint."""
+
+    step_timeout: float = 300.0
+    """A replica that spends longer than this on one step, or stops answering for as long, is treated as dead and replaced."""
+
+    on_nonfinite: NonFiniteAction = "stop"
+    """NaN or inf in a step's loss or gradient: 'stop' the run naming the step and replica (checkpoints stay as they were), or 'skip' that step's update on every replica."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +131,17 @@ class TrainConfig:
             raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
         if gpus is not None and self.device == "cuda" and (gpus <= 0 or (gpus > 1 and gpus % 1)):
             raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.output_dir:
+            raise ConfigError("checkpoint_every", "checkpoints go to output_dir: set output_dir too")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+        if not 1 <= self.min_workers <= self.workers:
+            raise ConfigError("min_workers", f"must be between 1 and workers={self.workers}, got {self.min_workers}")
+        for name in ("replace_timeout", "step_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")
         if self.resource_timeout is not None and self.resource_timeout < 0:
             raise ConfigError("resource_timeout", f"must be >= 0 seconds, got {self.resource_timeout}")
         from . import builtins  # here, not at the top: builtins imports torch, config must stay light

@@ -1,4 +1,5 @@
-"""The driver: builds the starting point, runs the epoch loop, all-reduces through itself.
+"""The driver: builds the starting point, runs the epoch loop, all-reduces through itself, and
+recovers from lost replicas without leaving the loop.
 
     from raytorch import Trainer, TrainConfig
     result = Trainer(TrainConfig(workers=2), model_fn=..., dataset_fn=..., loss_fn=...).fit()
@@ -7,23 +8,26 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import ray
 import torch
 from torch import nn
 
+from . import checkpoint
 from .cluster import ray_session
-from .config import TrainConfig
-from .errors import ConfigError
-from .group import gather, replica_group
+from .config import RUN_DEFINING, TrainConfig
+from .errors import CheckpointError, ConfigError, NonFiniteError, ReplicaError
+from .group import ReplicaGroup, ReplicaLost, replica_group
 from .plan import plan_steps, steps_per_call
 from .reduce import weighted_mean
-from .report import Progress, RunDir, epoch_line, final_line, is_scalar_linear, summary_line
+from .report import Progress, RunDir, epoch_line, final_line, is_scalar_linear, restarts_line, summary_line
 from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
 # Calls the driver submits ahead of the losses it has gathered: Ray's per-call latency then
@@ -53,25 +57,50 @@ class TrainResult:
     replica_memory: list[dict] = field(default_factory=list)
     """Per replica at the end: bytes of params, grad, optimizer state, wire buffers, and its
     proportional set size above the process's PyTorch baseline."""
+    restarts: list[dict] = field(default_factory=list)
+    """Each loss of replicas: step, replicas, cause, replaced, dropped, seconds to the next step."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps whose update was skipped for a non-finite loss or gradient (on_nonfinite 'skip')."""
+    resumed_from: Optional[int] = None
+    """The global step of the checkpoint this run resumed from, if any."""
 
     @property
     def eval_loss(self) -> Optional[float]:
         return self.eval_losses[-1] if self.eval_losses else None
 
 
+@dataclass
+class Position:
+    """Where a run stands: `index` steps of epoch `epoch` done, and what was measured so far."""
+
+    epoch: int = 0
+    index: int = 0
+    losses: list[float] = field(default_factory=list)  # per step of the current epoch
+    counts: list[int] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    restarts: list[dict] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+
 class Trainer:
-    """Data-parallel training of `model_fn()` on `dataset_fn()` over config.workers Ray replicas."""
+    """Data-parallel training of `model_fn()` on `dataset_fn()` over config.workers Ray replicas.
+
+    resume_from: a run directory whose newest valid checkpoint the run continues from.
+    """
 
     def __init__(self, config: TrainConfig, *, model_fn: Callable[[], nn.Module], dataset_fn: Callable,
-                 loss_fn: Callable, eval_dataset_fn: Optional[Callable] = None, quiet: bool = False):
+                 loss_fn: Callable, eval_dataset_fn: Optional[Callable] = None, quiet: bool = False,
+                 resume_from: Optional[str] = None):
         self.config, self.model_fn, self.loss_fn = config, model_fn, loss_fn
         self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
-        self.quiet = quiet
+        self.quiet, self.resume_from = quiet, resume_from
 
     def fit(self) -> TrainResult:
-        self._fit_started = time.perf_counter()
+        self._fit_started, self._first_step_s, self._pending = time.perf_counter(), None, deque()
         config = self.config
         config.validate()
+        saved = self._load_checkpoint() if self.resume_from else None
         train_set = self.dataset_fn()
         eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
         steps = steps_per_epoch(len(train_set), config.batch_size, config.drop_last)
@@ -90,106 +119,312 @@ class Trainer:
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                 init_state=ray.put(init_state), train_set=ray.put(train_set),
                 eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=steps * config.epochs,
-            ) as (replicas, infos):
-                for info in infos:
+            ) as group:
+                for info in group.described():
                     self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
                               f"gradients via {info['wire']}")
-                result = self._train(replicas, infos[0]["wire"], len(train_set),
-                                     len(eval_set) if eval_set is not None else 0,
-                                     scalar_linear=is_scalar_linear(init_state))
+                start = Position()
+                if saved is not None:
+                    start = self._restore(group, saved)
+                try:
+                    result = self._train(group, start, len(train_set), len(eval_set) if eval_set is not None else 0,
+                                         scalar_linear=is_scalar_linear(init_state))
+                except ReplicaError:
+                    self._drain(timeout=5.0)  # the calls still in flight fail too: take their errors quietly
+                    raise
         model.load_state_dict(result.pop("state"))
-        return TrainResult(model=model, **result)
+        if self._run_dir:
+            torch.save(model.state_dict(), self._run_dir.path / "model.pt")
+        return TrainResult(model=model, resumed_from=saved["step"] if saved else None, **result)
 
-    def _train(self, replicas: list, wire: str, train_size: int, eval_size: int, scalar_linear: bool) -> dict:
-        """The epoch loop: split each batch, replicas compute, all-reduce, step, gather losses, log."""
-        config, workers = self.config, len(replicas)
-        run_dir = RunDir(config.output_dir) if config.output_dir else None
+    def _train(self, group: ReplicaGroup, at: Position, train_size: int, eval_size: int,
+               scalar_linear: bool) -> dict:
+        """The epoch loop: split each batch, replicas compute, all-reduce, step, gather losses, log;
+        a lost replica is replaced and its step redone, inside the loop."""
+        config = self.config
+        run_dir = self._run_dir
         if run_dir:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
-        epoch_losses, eval_losses, epoch_times = [], [], []
-        steps_done = samples_done = 0
-        first_step_s = step_time = 0.0
+        steps = self._steps_per_epoch = steps_per_epoch(train_size, config.batch_size, config.drop_last)
+        epoch_times = []
         started = time.perf_counter()
-        for epoch in range(config.epochs):
-            epoch_started = time.perf_counter()
-            pending: deque = deque()  # per call: (loss refs, part sizes per step), oldest first
-            losses, counts = [], []
-            carry, carried = None, []  # the last planned all-reduce, and the gradient refs it routes to
+        self._step_time, self._recovering = 0.0, None
+        while at.epoch < config.epochs:
+            epoch = at.epoch
             batches = global_batches(epoch_order(train_size, config.seed, epoch, config.shuffle),
                                      config.batch_size, config.drop_last)
-            progress.start(epoch, len(batches))
-            done = 0
-            while done < len(batches):
-                chunk = batches[done:done + steps_per_call(wire, step_time)]
-                # split each batch: contiguous near-equal parts, part r to replica r, and plan the
-                # all-reduce of each step: weights n_r / n and a route to every replica's gradient
-                plans, sizes, carry = plan_steps(chunk, workers, carry, wire, steps_done)
-                # replicas follow their plans: apply the previous all-reduce, compute their gradient
-                calls = [r.run.remote(plan, *carried) for r, plan in zip(replicas, plans)]
-                # all-reduce through the driver: the next call gets the last step's gradients (by
-                # reference on the object-store wire; by (rank, step) from shared memory otherwise)
-                carried = [calls[r][0] for r, n in enumerate(sizes[-1]) if n] if wire == "object_store" else []
-                # gather losses a few calls behind, so the driver never stalls the replicas
-                pending.append(([c[1] for c in calls], sizes))
-                if not steps_done:  # the first step, waited for: time to first step
-                    gather(replicas, pending[0][0])
-                    first_step_s = time.perf_counter() - self._fit_started
-                while len(pending) > CALLS_IN_FLIGHT:
-                    _collect(replicas, pending.popleft(), losses, counts, progress)
-                    step_time = (time.perf_counter() - epoch_started) / len(losses)
-                done += len(chunk)
-                steps_done += len(chunk)
-                samples_done += sum(len(b) for b in chunk)
-            # step: every replica applies the epoch's last all-reduce
-            applied = [r.apply.remote(carry, *carried) for r in replicas]
-            while pending:
-                _collect(replicas, pending.popleft(), losses, counts, progress)
-            gather(replicas, applied)
-            progress.close()
-            epoch_losses.append(weighted_mean(losses, counts))
-            epoch_times.append(time.perf_counter() - epoch_started)
-            # evaluate: each replica scores a contiguous part of the eval set
-            if eval_size:
-                eval_parts = split_batch(torch.arange(eval_size), workers)
-                scores = gather(replicas, [r.evaluate.remote(p.numpy(), config.batch_size)
-                                           for r, p in zip(replicas, eval_parts)])
-                eval_losses.append(weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts]))
+            epoch_started = time.perf_counter()
+            try:
+                # the epoch's steps, from where the run stands (after a loss or a resume: mid-epoch)
+                self._steps(group, at, batches, steps, progress)
+                epoch_time = time.perf_counter() - epoch_started
+                # evaluate: each replica scores a contiguous part of the eval set
+                if eval_size:
+                    eval_parts = split_batch(torch.arange(eval_size), len(group.actors))
+                    scores = group.get([r.evaluate.remote(p.numpy(), config.batch_size)
+                                        for r, p in zip(group.actors, eval_parts)])
+                    at.eval_losses.append(weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts]))
+                state = group.get([group.actors[0].state.remote()])[0] if scalar_linear else None
+            except ReplicaLost as lost:
+                # recover: replace the lost replicas, bring all to the most advanced survivor's step
+                progress.close()
+                self._recover(group, lost, at, batches, steps)
+                continue
             # log: the seed's line, and a metrics record
-            state = gather(replicas, [replicas[0].state.remote()])[0] if scalar_linear else None
-            self._say(epoch_line(epoch, epoch_losses[-1], state, eval_losses[-1] if eval_losses else None))
+            finished = [loss for loss in at.losses if math.isfinite(loss)]
+            at.epoch_losses.append(weighted_mean(finished, [n for loss, n in zip(at.losses, at.counts)
+                                                            if math.isfinite(loss)]) if finished else math.nan)
+            epoch_times.append(epoch_time)
+            eval_loss = at.eval_losses[-1] if eval_size else None
+            self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss))
             if run_dir:
-                run_dir.log({"epoch": epoch, "loss": epoch_losses[-1],
-                             "eval_loss": eval_losses[-1] if eval_losses else None, "steps": steps_done,
-                             "samples": samples_done, "epoch_time_s": epoch_times[-1],
-                             "samples_per_s": sum(counts) / epoch_times[-1]})
+                run_dir.log({"event": "epoch", "epoch": epoch, "loss": at.epoch_losses[-1], "eval_loss": eval_loss,
+                             "steps": (epoch + 1) * steps, "samples": self._samples(epoch + 1, 0, batches),
+                             "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
+            # checkpoint: the next epoch starts from here
+            at.epoch, at.index, at.losses, at.counts = epoch + 1, 0, [], []
+            if run_dir:
+                self._checkpoint(group, at)
         wall = time.perf_counter() - started
-        if eval_losses:
-            self._say(final_line(eval_losses[-1]))
-        self._say(summary_line(epoch_losses[-1], eval_losses[-1] if eval_losses else None, steps_done,
-                               samples_done, wall, workers))
-        digests = gather(replicas, [r.digest.remote() for r in replicas])
-        memory = gather(replicas, [r.memory.remote() for r in replicas])
+        steps_done, samples_done = config.epochs * steps, self._samples(config.epochs, 0, batches)
+        if at.eval_losses:
+            self._say(final_line(at.eval_losses[-1]))
+        self._say(summary_line(at.epoch_losses[-1], at.eval_losses[-1] if at.eval_losses else None, steps_done,
+                               samples_done, wall, len(group.actors)))
+        if at.restarts:
+            self._say(restarts_line(at.restarts))
+        digests = group.get([r.digest.remote() for r in group.actors])
+        memory = group.get([r.memory.remote() for r in group.actors])
         if len(set(digests)) != 1:
             self._say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
-        state = gather(replicas, [replicas[0].state.remote()])[0]
-        return dict(epoch_losses=epoch_losses, eval_losses=eval_losses, steps=steps_done, samples=samples_done,
-                    wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
-                    time_to_first_step_s=first_step_s, replica_memory=memory, state=state)
+        state = group.get([group.actors[0].state.remote()])[0]
+        return dict(epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, steps=steps_done,
+                    samples=samples_done, wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
+                    time_to_first_step_s=self._first_step_s, replica_memory=memory, state=state,
+                    restarts=at.restarts, skipped_steps=at.skipped)
+
+    def _steps(self, group: ReplicaGroup, at: Position, batches: list, steps: int, progress: Progress) -> None:
+        """Run the epoch's steps from at.index on; every replica has applied them all on return."""
+        config, replicas, wire = self.config, group.actors, group.wire
+        first_step = at.epoch * steps
+        # per call: (loss refs, gradient refs, first step, part sizes per step), oldest first
+        pending = self._pending = deque()
+        carry, carried = None, []  # the last planned all-reduce, and the gradient refs it routes to
+        progress.start(at.epoch, len(batches), done=at.index)
+        done = at.index
+        self._timing = (time.perf_counter(), at.index)
+        while done < len(batches):
+            size = steps_per_call(wire, self._step_time)
+            if config.checkpoint_every:  # calls end where a checkpoint is due
+                size = min(size, config.checkpoint_every - (first_step + done) % config.checkpoint_every)
+            chunk = batches[done:done + size]
+            # split each batch: contiguous near-equal parts, part r to replica r, and plan the
+            # all-reduce of each step: weights n_r / n and a route to every replica's gradient
+            plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done)
+            # replicas follow their plans: apply the previous all-reduce, compute their gradient
+            calls = [r.run.remote(plan, *carried) for r, plan in zip(replicas, plans)]
+            # all-reduce through the driver: the next call gets the last step's gradients (by
+            # reference on the object-store wire; by (rank, step) from shared memory otherwise)
+            carried = [calls[r][0] for r, n in enumerate(sizes[-1]) if n] if wire == "object_store" else []
+            # gather losses a few calls behind, so the driver never stalls the replicas
+            pending.append(([c[1] for c in calls], [c[0] for c in calls], first_step + done, sizes))
+            if self._first_step_s is None or self._recovering is not None:  # waited for
+                self._collect(group, pending, at, progress)
+                self._first_step_done()
+            while len(pending) > CALLS_IN_FLIGHT:
+                self._collect(group, pending, at, progress)
+            done += len(chunk)
+            if config.checkpoint_every and (first_step + done) % config.checkpoint_every == 0 and done < len(batches):
+                # checkpoint: every replica applies the call's last all-reduce, then the first one's state is saved
+                group.get([r.apply.remote(carry, *carried) for r in replicas])
+                carry, carried = None, []
+                while pending:
+                    self._collect(group, pending, at, progress)
+                self._checkpoint(group, at)
+        # step: every replica applies the epoch's last all-reduce
+        applied = [r.apply.remote(carry, *carried) for r in replicas] if carry is not None else []
+        pending.append((applied, [], first_step + done, []))  # drained with the calls if a replica is lost
+        while len(pending) > 1:
+            self._collect(group, pending, at, progress)
+        group.get(applied)
+        pending.clear()
+        at.index = len(batches)
+        progress.close()
+
+    def _collect(self, group: ReplicaGroup, pending: deque, at: Position, progress: Progress) -> None:
+        """Turn the oldest call's per-replica loss lists into per-step sample-weighted losses."""
+        refs, _, first_step, sizes_per_step = pending[0]
+        try:
+            per_replica = group.get(refs)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} (epoch {at.epoch}); {self._kept()}") from e
+        pending.popleft()  # only now: a call that failed stays listed, for _drain
+        before = len(at.losses)
+        for offset, sizes in enumerate(sizes_per_step):
+            active = [r for r, n in enumerate(sizes) if n]
+            parts = [per_replica[r][offset] for r in active]
+            at.losses.append(weighted_mean(parts, [sizes[r] for r in active]))
+            at.counts.append(sum(sizes))
+            if not math.isfinite(at.losses[-1]):  # on_nonfinite 'skip': every replica skipped its update
+                culprits = ", ".join(f"replica-{group.ranks[r]}" for r, p in zip(active, parts) if not math.isfinite(p))
+                at.skipped.append(first_step + offset)
+                self._say(f"step {first_step + offset}: non-finite loss or gradient on {culprits}; update skipped")
+                self._event({"event": "step_skipped", "step": first_step + offset, "replicas": culprits})
+        at.index = before + len(sizes_per_step)
+        done = range(before, len(at.losses))
+        finite = [i for i in done if math.isfinite(at.losses[i])]
+        progress.advance(len(done), sum(at.counts[i] for i in finite), sum(at.losses[i] * at.counts[i] for i in finite))
+        started, index = self._timing
+        self._step_time = (time.perf_counter() - started) / max(1, len(at.losses) - index)
+
+    def _first_step_done(self) -> None:
+        now = time.perf_counter()
+        if self._first_step_s is None:
+            self._first_step_s = now - self._fit_started
+        if self._recovering is not None:
+            record, detected = self._recovering
+            record["recovery_s"] = round(now - detected, 3)
+            self._say(f"recovered: first step after the loss done {record['recovery_s']:.1f} s after it was detected")
+            self._event(dict(record))
+            self._recovering = None
+
+    def _recover(self, group: ReplicaGroup, lost: ReplicaLost, at: Position, batches: list, steps: int) -> None:
+        """Replace the lost replicas (or go on without them), load every replica with the most
+        advanced survivor's state, and set `at` to that step: its gradient is computed again."""
+        detected = time.perf_counter()
+        config = self.config
+        self._drain()
+        cause = lost.__cause__
+        kind = type(cause).__name__ if cause is not None and not isinstance(cause, ReplicaError) else "hang"
+        self._say(f"{lost}; recovering")
+        for attempt in range(3):
+            try:
+                gone = group.dead()
+                names = [f"replica-{group.ranks[p]}" for p in gone]
+                survivors = [group.actors[p] for p in range(len(group.actors)) if p not in gone]
+                if not survivors:
+                    raise ReplicaError(f"every replica was lost ({lost}); {self._kept()}") from lost
+                positions = group.get([a.position.remote() for a in survivors])
+                step = max(positions)
+                if at.restarts and at.restarts[-1]["step"] == step and at.restarts[-1]["replicas"] == names:
+                    raise ReplicaError(f"{lost} again at step {step}, as before its replacement: that step itself "
+                                       f"kills it; {self._kept()}") from lost
+                source = survivors[positions.index(step)]
+                snapshot = source.snapshot.remote(at.epoch * steps + len(at.losses))
+                behind = [a for a, p in zip(survivors, positions) if p < step]
+                replaced, dropped = group.replace(gone)
+                fresh = [a for a in group.actors if a not in survivors]
+                group.get([a.restore.remote(snapshot) for a in behind + fresh])
+                group.rewire()
+                break
+            except ReplicaLost as again:  # another loss while recovering: start over
+                lost = again
+        else:
+            raise ReplicaError(f"replicas kept failing while recovering ({lost}); {self._kept()}") from lost
+        record = {"event": "replica_lost", "step": step, "replicas": names, "cause": kind, "replaced":
+                  [f"replica-{r}" for r in replaced], "dropped": [f"replica-{r}" for r in dropped],
+                  "workers": len(group.actors)}
+        at.restarts.append(record)
+        # the losses of steps the driver had not gathered yet come with the snapshot
+        index = step - at.epoch * steps
+        logged = ray.get(snapshot)["losses"]
+        del at.losses[index:], at.counts[index:]
+        for k in range(len(at.losses), index):
+            at.losses.append(logged[at.epoch * steps + k])
+            at.counts.append(len(batches[k]))
+        at.index = index
+        if dropped:
+            self._say(f"no room for a replacement of {', '.join(record['dropped'])} within replace_timeout "
+                      f"{config.replace_timeout:g} s: going on with {len(group.actors)} replicas (same result)")
+        if len(group.actors) < config.min_workers:
+            path = self._checkpoint(group, at)
+            raise ReplicaError(f"{len(group.actors)} replicas left, fewer than min_workers={config.min_workers}; "
+                               f"checkpoint {path}; resume with --resume {config.output_dir}" if path else
+                               f"{len(group.actors)} replicas left, fewer than min_workers={config.min_workers} "
+                               f"(set output_dir to keep a checkpoint)") from lost
+        self._say(f"replaced {', '.join(record['replaced']) or 'none'}; every replica at step {step}: "
+                  f"redoing it on {len(group.actors)} replicas")
+        self._recovering = (record, detected)
+
+    def _drain(self, timeout: Optional[float] = None) -> None:
+        """Wait out the calls in flight when a replica was lost (they fail at once, or finish) and
+        take their errors, which Ray would otherwise print as unhandled."""
+        refs = [ref for loss_refs, grad_refs, _, _ in self._pending for ref in (*loss_refs, *grad_refs)]
+        self._pending.clear()
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.step_timeout if timeout is None else timeout)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001  (expected: these calls met the lost replica)
+                pass
+
+    def _checkpoint(self, group: ReplicaGroup, at: Position) -> Optional[Path]:
+        """Write a checkpoint of where the run stands (first replica's state) into output_dir."""
+        if not self._run_dir:
+            return None
+        snapshot = group.get([group.actors[0].snapshot.remote(0)])[0]
+        index = snapshot["steps"] - at.epoch * self._steps_per_epoch
+        payload = {
+            "model": snapshot["model"], "optimizer": snapshot["optimizer"], "schedule": snapshot["schedule"],
+            "rng": snapshot["rng"], "epoch": at.epoch, "index": index,
+            "losses": torch.tensor(at.losses[:index], dtype=torch.float64),
+            "counts": torch.tensor(at.counts[:index], dtype=torch.int64),
+            "epoch_losses": list(at.epoch_losses), "eval_losses": list(at.eval_losses),
+            "restarts": json.dumps(at.restarts), "skipped": list(at.skipped),
+            "config": self.config.to_dict(),
+        }
+        path = checkpoint.save(self._run_dir.path, snapshot["steps"], payload, self.config.keep_checkpoints)
+        self._event({"event": "checkpoint", "step": snapshot["steps"], "path": str(path)})
+        self._last_checkpoint = path
+        return path
+
+    def _load_checkpoint(self) -> dict:
+        saved, self._last_checkpoint, skipped = checkpoint.load_latest(self.resume_from)
+        for line in skipped:
+            self._say(f"skipping a checkpoint: {line}")
+        theirs = saved["config"]
+        for name in RUN_DEFINING:
+            if theirs.get(name) != getattr(self.config, name):
+                raise CheckpointError(f"{self.resume_from} was trained with {name}={theirs.get(name)!r}, this run "
+                                      f"asks for {getattr(self.config, name)!r}: resume with the same {name}")
+        if saved["epoch"] >= self.config.epochs and saved["index"] == 0:
+            self._say(f"{self.resume_from}: the run already finished; nothing to resume")
+        return saved
+
+    def _restore(self, group: ReplicaGroup, saved: dict) -> Position:
+        """Load every replica with the checkpoint's state; the run goes on from its position."""
+        snapshot = ray.put({"model": saved["model"], "optimizer": saved["optimizer"], "schedule": saved["schedule"],
+                            "rng": saved["rng"], "steps": saved["step"]})
+        group.get([a.restore.remote(snapshot) for a in group.actors])
+        group.rewire()  # the shared-memory step counters start at the restored step
+        self._say(f"resumed from {self._last_checkpoint}: epoch {saved['epoch']}, step {saved['step']}")
+        return Position(epoch=saved["epoch"], index=saved["index"], losses=saved["losses"].tolist(),
+                        counts=saved["counts"].tolist(), epoch_losses=list(saved["epoch_losses"]),
+                        eval_losses=list(saved["eval_losses"]), restarts=json.loads(saved["restarts"]),
+                        skipped=list(saved["skipped"]))
+
+    def _samples(self, epochs: int, index: int, batches: list) -> int:
+        per_epoch = sum(len(b) for b in batches)
+        return epochs * per_epoch + sum(len(b) for b in batches[:index])
+
+    def _kept(self) -> str:
+        last = getattr(self, "_last_checkpoint", None)
+        if last:
+            return f"last good checkpoint {last}"
+        return "no checkpoint written yet" if self._run_dir else "no checkpoint written (set output_dir)"
+
+    def _event(self, record: dict) -> None:
+        if self._run_dir:
+            self._run_dir.log(record)
+
+    @property
+    def _run_dir(self) -> Optional[RunDir]:
+        if not hasattr(self, "_run_dir_cache"):
+            path = self.config.output_dir or self.resume_from
+            self._run_dir_cache = RunDir(path) if path else None
+        return self._run_dir_cache
 
     def _say(self, line: str) -> None:
         if not self.quiet:
             print(line, flush=True)
-
-
-def _collect(replicas: list, entry: tuple, losses: list, counts: list, progress: Progress) -> None:
-    """Turn one call's per-replica loss lists into per-step sample-weighted losses."""
-    refs, sizes_per_step = entry
-    per_replica = gather(replicas, refs)
-    first = len(losses)
-    for step, sizes in enumerate(sizes_per_step):
-        active = [r for r, n in enumerate(sizes) if n]
-        losses.append(weighted_mean([per_replica[r][step] for r in active], [sizes[r] for r in active]))
-        counts.append(sum(sizes))
-    progress.advance(len(sizes_per_step), sum(counts[first:]),
-                     sum(loss * n for loss, n in zip(losses[first:], counts[first:])))

@@ -26,3 +26,11 @@ class ReplicaError(RaytorchError):
 
 class PeerError(ReplicaError):
     """A replica stopped because a peer it waited for failed: a consequence, not the cause."""
+
+
+class NonFiniteError(ReplicaError):
+    """A step's loss or gradient was NaN or infinite; the message names the step and the replica."""
+
+
+class CheckpointError(RaytorchError):
+    """A checkpoint cannot be read or does not belong to this run; the message says which and why."""

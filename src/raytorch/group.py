@@ -1,8 +1,11 @@
-"""Starting the replicas as Ray actors, calling them, and turning Ray's errors into ours."""
+"""The live replicas of a run: starting them as Ray actors, calling them, replacing the lost, and
+turning Ray's errors into ours."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -18,37 +21,164 @@ from .placement import reserve
 from .replica import Replica
 
 START_TIMEOUT_S = 300.0
+PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
+
+
+class ReplicaLost(ReplicaError):
+    """A replica died or hung: the driver replaces it and redoes the interrupted step."""
+
+
+class ReplicaGroup:
+    """The replicas in wire order (position p holds `actors[p]`, named replica-`ranks[p]`, in
+    placement bundle `ranks[p]`), and how gradients travel between them."""
+
+    def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
+        self.config, self.run_name, self.replica_args = config, run_name, replica_args
+        self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
+        self.placement = reserve(config.workers, replica_resources(config), config.placement, config.resource_timeout)
+        self.actors: list = []
+        self.ranks: list[int] = []
+        self.infos: list[dict] = []
+        self.wire = "object_store"
+        self.generation = 0  # bumped by every change of membership: fresh shared-memory names
+
+    def start(self) -> list[dict]:
+        """Start every replica and wait until each is built; returns what each reported."""
+        self.actors = [self._create(rank) for rank in range(self.config.workers)]
+        self.ranks = list(range(self.config.workers))
+        self.infos = gather(self.actors, [a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        self.rewire()
+        return self.described()
+
+    def described(self) -> list[dict]:
+        return [dict(info, wire=self.wire) for info in self.infos]
+
+    def _create(self, rank: int):
+        return self.actor_class.options(
+            num_cpus=self.config.cpus_per_replica,
+            num_gpus=self.config.replica_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            name=f"replica-{rank}" + (f".{self.generation}" if self.generation else ""),
+            namespace=self.run_name,
+        ).remote(rank, self.config, run_name=self.run_name, **self.replica_args)
+
+    def rewire(self) -> None:
+        """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
+        self.wire = connect_wire(self.config.reduction, self.actors, self.infos, f"{self.run_name}-g{self.generation}")
+
+    def get(self, refs: Sequence, timeout: float | None = None):
+        """gather(), where a replica that stops answering for step_timeout is found and killed:
+        ReplicaLost then, as for one that died."""
+        limit = self.config.step_timeout if timeout is None else timeout
+        while True:
+            try:
+                return gather(self.actors, refs, timeout=limit)
+            except ReplicaTimeout as timed_out:
+                hung = self.hung()
+                if hung:
+                    for position, _ in hung:
+                        self.kill(position)
+                    names = ", ".join(f"replica-{self.ranks[p]} ({why})" for p, why in hung)
+                    raise ReplicaLost(f"{names}: treated as dead after step_timeout "
+                                      f"{self.config.step_timeout:g} s") from timed_out
+                # every replica answers and none is stuck in a step: slow, not hung; wait on
+
+    def hung(self) -> list[tuple[int, str]]:
+        """Positions of replicas that do not answer a ping, or have computed one step for longer
+        than step_timeout; with the reason."""
+        pings = [a.ping.remote() for a in self.actors]
+        wait = min(PING_TIMEOUT_S, self.config.step_timeout)
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait)
+        found = []
+        for position, ping in enumerate(pings):
+            if ping not in ready:
+                found.append((position, f"no answer to a ping within {wait:g} s"))
+                continue
+            try:
+                computing = ray.get(ping)["computing_s"]
+            except RayActorError:
+                continue  # dead: the caller's next gather says so
+            if computing is not None and computing > self.config.step_timeout:
+                found.append((position, f"one step computing for {computing:.0f} s"))
+        return found
+
+    def dead(self) -> list[int]:
+        """Positions of the replicas that are gone; a hung one is killed and counted with them."""
+        for position, _ in self.hung():
+            self.kill(position)
+        gone = []
+        for position, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):
+                gone.append(position)
+        return gone
+
+    def kill(self, position: int) -> None:
+        """End a hung replica: through Ray, and by its pid where it runs on this node (ray.kill
+        cannot end a stopped process); its peers stop waiting for it."""
+        ray.kill(self.actors[position], no_restart=True)
+        info = self.infos[position]
+        if info["node_id"] == ray.get_runtime_context().get_node_id():
+            try:
+                os.kill(info["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for other, actor in enumerate(self.actors):
+            if other != position:
+                actor.abandon.remote(position)
+
+    def replace(self, lost: list[int]) -> tuple[list[int], list[int]]:
+        """Start a replacement in the bundle of each lost position (Ray re-places a bundle whose node
+        died, where it finds room); give each replace_timeout. Returns the ranks replaced and the
+        ranks dropped; the group then holds the survivors and the replacements, by rank."""
+        self.generation += 1
+        started = {self.ranks[p]: self._create(self.ranks[p]) for p in lost}
+        ready_refs = {rank: actor.ready.remote() for rank, actor in started.items()}
+        ready, _ = ray.wait(list(ready_refs.values()), num_returns=len(ready_refs),
+                            timeout=self.config.replace_timeout)
+        members = {rank: (actor, info) for p, (rank, actor, info)
+                   in enumerate(zip(self.ranks, self.actors, self.infos)) if p not in lost}
+        replaced, dropped = [], []
+        for rank, ref in ready_refs.items():
+            info = None
+            if ref in ready:
+                try:
+                    info = ray.get(ref)
+                except RayActorError:
+                    pass
+            if info is None:
+                ray.kill(started[rank], no_restart=True)
+                dropped.append(rank)
+            else:
+                members[rank] = (started[rank], info)
+                replaced.append(rank)
+        self.ranks = sorted(members)
+        self.actors = [members[rank][0] for rank in self.ranks]
+        self.infos = [members[rank][1] for rank in self.ranks]
+        return replaced, dropped
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement)
 
 
 @contextmanager
-def replica_group(config: TrainConfig, run_name: str, **replica_args) -> Iterator[tuple[list, list[dict]]]:
+def replica_group(config: TrainConfig, run_name: str, **replica_args) -> Iterator[ReplicaGroup]:
     """Reserve room for all replicas, start them, wait until each is built; kill them all on exit.
 
-    Yields the actor handles (index = rank) and what each replica reported on start.
     A start that fails half way still kills what it started and frees the reservation.
     """
-    group = reserve(config.workers, replica_resources(config), config.placement, config.resource_timeout)
-    actors: list = []
+    group = ReplicaGroup(config, run_name, replica_args)
     try:
-        actor_class = ray.remote(Replica)
-        for rank in range(config.workers):
-            actors.append(actor_class.options(
-                num_cpus=config.cpus_per_replica,
-                num_gpus=config.replica_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-                name=f"replica-{rank}",
-                namespace=run_name,
-            ).remote(rank, config, **replica_args))
-        infos = gather(actors, [a.ready.remote() for a in actors], timeout=START_TIMEOUT_S)
-        wire = connect_wire(config.reduction, actors, infos, run_name)
-        yield actors, [dict(info, wire=wire) for info in infos]
+        group.start()
+        yield group
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        remove_placement_group(group)
+        group.close()
 
 
-def connect_wire(reduction: str, actors: list, infos: list[dict], run_name: str) -> str:
+def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str) -> str:
     """Pick how gradients travel (see TrainConfig.reduction) and set it up; returns its name."""
     nodes = {info["node_id"] for info in infos}
     possible = len(nodes) == 1 and all(info["shared_memory"] for info in infos)
@@ -56,12 +186,17 @@ def connect_wire(reduction: str, actors: list, infos: list[dict], run_name: str)
         raise ClusterError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are "
                            f"on {len(nodes)} node(s): use reduction 'auto' or 'object_store'")
     if reduction == "object_store" or not possible:
+        gather(actors, [a.use_object_store.remote() for a in actors])
         return "object_store"
-    paths = gather(actors, [a.share_memory.remote(run_name) for a in actors])
-    pids = {info["rank"]: info["pid"] for info in infos}
+    paths = gather(actors, [a.share_memory.remote(prefix, position) for position, a in enumerate(actors)])
+    pids = {position: info["pid"] for position, info in enumerate(infos)}
     gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
     gather(actors, [a.unlink_shared.remote() for a in actors])
     return "shared_memory"
+
+
+class ReplicaTimeout(ReplicaError):
+    """Replicas did not answer within the time given."""
 
 
 def gather(actors: Sequence, refs: Sequence, timeout: float | None = None) -> list:
@@ -70,9 +205,10 @@ def gather(actors: Sequence, refs: Sequence, timeout: float | None = None) -> li
         return ray.get(list(refs), timeout=timeout)
     except (RayTaskError, RayActorError) as first:
         error = _root_cause(refs, first)
-        raise _replica_error(actors, error) from error
+        lost = isinstance(error, RayActorError)
+        raise _replica_error(actors, error, ReplicaLost if lost else ReplicaError) from error
     except GetTimeoutError as e:
-        raise ReplicaError(f"replicas did not answer within {timeout:g} s") from e
+        raise ReplicaTimeout(f"replicas did not answer within {timeout:g} s") from e
 
 
 def _root_cause(refs: Sequence, first: Exception, wait_s: float = 5.0) -> Exception:
@@ -91,13 +227,13 @@ def _root_cause(refs: Sequence, first: Exception, wait_s: float = 5.0) -> Except
     return first
 
 
-def _replica_error(actors: Sequence, error: Exception) -> ReplicaError:
+def _replica_error(actors: Sequence, error: Exception, kind: type = ReplicaError) -> ReplicaError:
     if isinstance(error, RayActorError):
         reason = _first_line(error)
         if "No module named" in reason:
             reason += (" (the module defining your model, dataset or loss must be importable on every node: "
                        "install it there, or submit with `ray job submit --working-dir .`)")
-        return ReplicaError(f"{_name(actors, error)} died: {reason}")
+        return kind(f"{_name(actors, error)} died: {reason}")
     cause = error.cause
     if isinstance(cause, ReplicaError):
         return type(cause)(str(cause))
@@ -122,5 +258,5 @@ def _first_line(error: Exception) -> str:
     if "worker process has died" in text:
         return ("its process died (killed, out of memory, or crashed"
                 + (f"; Ray's exit type {exit_type.group(1)})" if exit_type else ")"))
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__

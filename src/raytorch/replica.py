@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
+import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -18,10 +21,14 @@ from torch import nn
 from .config import TrainConfig
 from .data import fetch
 from .device import replica_device, torch_threads
-from .errors import PeerError, ReplicaError
+from .errors import NonFiniteError, PeerError, ReplicaError
 from .optim import make_optimizer, make_schedule
 from .reduce import weighted_sum
 from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire, shared_memory_available
+
+# Global losses of the last steps this replica applied: what the driver had not gathered yet
+# when a peer died comes from here (calls in flight hold far fewer steps).
+LOSS_LOG_STEPS = 4096
 
 
 def attach_flat_grad(model: nn.Module) -> torch.Tensor:
@@ -73,13 +80,16 @@ class Replica:
     """Holds one replica; per step computes its part's gradient, then applies the all-reduced one."""
 
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
-                 loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
-        self.rank = rank
+                 loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int, run_name: str = ""):
+        self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
         import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
 
         self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         self.steps = 0
+        self.on_nonfinite = config.on_nonfinite
+        self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
+        self.computing_since = None  # set while a step's forward and backward run
         self.device = replica_device(config.device)
         self.model = model_fn().to(self.device)
         self.model.load_state_dict(init_state)
@@ -94,7 +104,8 @@ class Replica:
 
     def __repr__(self) -> str:
         # Ray calls this even for an actor whose __init__ failed half way.
-        return f"Replica(rank={getattr(self, 'rank', '?')}, device={getattr(self, 'device', '?')})"
+        return (f"Replica(rank={getattr(self, 'rank', '?')}, device={getattr(self, 'device', '?')}, "
+                f"run={getattr(self, 'run_name', '?')})")
 
     def ready(self) -> dict:
         """Where this replica runs: answered once it is fully built."""
@@ -128,28 +139,59 @@ class Replica:
     def _compute(self, indices: np.ndarray):
         if len(indices) == 0:
             return None, None
+        self.computing_since = time.monotonic()
         x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, indices))
         self.flat_grad.zero_()
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
+        value = self._checked(loss.item())
+        self.computing_since = None
         # self.steps counts applied updates: the gradient computed now belongs to step self.steps
-        return self.wire.publish(self.flat_grad, self.steps), loss.item()
+        return self.wire.publish(self.flat_grad, self.steps, value), value
+
+    def _checked(self, loss: float) -> float:
+        """The local loss; NaN when the gradient is not finite, so that peers see it too. Raises
+        NonFiniteError instead with on_nonfinite 'stop'."""
+        # One reduction over the gradient: NaN and inf propagate through a sum (it also flags a
+        # gradient whose sum overflows float32: a run that far gone has diverged anyway).
+        what = (f"loss {loss}" if not math.isfinite(loss)
+                else None if torch.isfinite(self.flat_grad.sum()) else "gradient with NaN or inf")
+        if what is None:
+            return loss
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}")
+        return math.nan
 
     def _apply(self, reduce, grads) -> None:
         weights, routes = reduce
         items = [grads[route] if isinstance(route, int) else route for route in routes]
-        weighted_sum([self.wire.read(item) for item in items], weights, out=self.host_grad)
+        parts = [self.wire.read(item) for item in items]
+        loss = sum(w * part_loss for w, (_, part_loss) in zip(weights, parts))
+        weighted_sum([grad for grad, _ in parts], weights, out=self.host_grad)
         self.wire.applied(self.steps)
-        if self.host_grad is not self.flat_grad:
-            self.flat_grad.copy_(self.host_grad, non_blocking=True)
-        self.optimizer.step()
+        self.loss_log.append((self.steps, loss))
+        if math.isfinite(loss):  # the same test on the same numbers: every replica decides alike
+            if self.host_grad is not self.flat_grad:
+                self.flat_grad.copy_(self.host_grad, non_blocking=True)
+            self.optimizer.step()
+        # else on_nonfinite 'skip' (a 'stop' raised in _compute): drop the update, keep the schedule
         self.schedule.step()
         self.steps += 1
 
-    def share_memory(self, prefix: str) -> list[str]:
-        """Switch to the shared-memory wire (all replicas on one node); returns this replica's buffer paths."""
-        self.wire = SharedMemoryWire(self.rank, self.host_grad.numel(), self.host_grad.numpy().dtype, prefix)
+    def share_memory(self, prefix: str, position: int) -> list[str]:
+        """Switch to (fresh) shared-memory wire buffers at `position` among the replicas (all on one
+        node); returns this replica's buffer paths."""
+        self.wire = SharedMemoryWire(position, self.host_grad.numel(), self.host_grad.numpy().dtype, prefix,
+                                     step=self.steps)
         return self.wire.paths
+
+    def use_object_store(self) -> None:
+        """Hand gradients over as Ray objects (replicas on several nodes)."""
+        self.wire = ObjectStoreWire()
+
+    def position(self) -> int:
+        """Steps applied, answered after the calls queued before this one."""
+        return self.steps
 
     def attach_peers(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
         self.wire.attach(paths_by_rank, pids_by_rank)
@@ -171,6 +213,40 @@ class Replica:
                 total += self.loss_fn(self.model(x), y).item() * len(part)
         self.model.train()
         return total / len(indices)
+
+    @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
+    def ping(self) -> dict:
+        """Liveness and progress: steps applied, and for how long the current step has computed."""
+        since = self.computing_since
+        return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since}
+
+    @ray.method(concurrency_group="health")
+    def abandon(self, position: int) -> None:
+        """The peer at wire position `position` was declared dead: stop waiting for it."""
+        self.wire.abandon(position)
+
+    def snapshot(self, losses_since: int = 0) -> dict:
+        """Everything the next steps depend on: weights, optimizer and schedule state, RNG, the step
+        count; and the global losses of the applied steps from `losses_since` on (as many as kept)."""
+        return {
+            "model": self.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": torch.get_rng_state(),
+            "steps": self.steps,
+            "losses": {step: loss for step, loss in self.loss_log if step >= losses_since},
+        }
+
+    @_reported
+    def restore(self, snapshot: dict) -> int:
+        """Become the replica that took `snapshot`; returns its step count."""
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.schedule.load_state_dict(snapshot["schedule"])
+        torch.set_rng_state(snapshot["rng"])
+        self.steps = snapshot["steps"]
+        self.loss_log.clear()
+        return self.steps
 
     def memory(self) -> dict[str, int]:
         """Bytes this replica holds: its buffers by size, and its measured memory above the baseline."""

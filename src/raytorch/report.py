@@ -45,6 +45,14 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
             f"last epoch loss {loss:.6f}{evaluated}")
 
 
+def restarts_line(restarts: list[dict]) -> str:
+    """'restarts: 1 (replica-1, step 412, ActorDiedError)'."""
+    described = "; ".join(f"{', '.join(r['replicas'])}, step {r['step']}, {r['cause']}"
+                          + (f", continued without {', '.join(r['dropped'])}" if r["dropped"] else "")
+                          for r in restarts)
+    return f"restarts: {len(restarts)} ({described})"
+
+
 class Progress:
     """A live bar per epoch (steps, running loss, samples/s, ETA) where the console is a terminal;
     nothing where it is not (CI, `ray job` logs keep the plain per-epoch lines)."""
@@ -54,10 +62,11 @@ class Progress:
         self.enabled = enabled and stream.isatty()
         self.bar: Optional[tqdm] = None
 
-    def start(self, epoch: int, steps: int) -> None:
+    def start(self, epoch: int, steps: int, done: int = 0) -> None:
+        """A bar for an epoch of `steps` steps, `done` of them already run (a resumed epoch)."""
         if self.enabled:
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=self.stream,
-                            dynamic_ncols=True, mininterval=self.min_interval_s)
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="step", leave=False,
+                            file=self.stream, dynamic_ncols=True, mininterval=self.min_interval_s)
             self.started, self.samples, self.loss_sum = time.perf_counter(), 0, 0.0
 
     def advance(self, steps: int, samples: int, loss_sum: float) -> None:
@@ -77,7 +86,8 @@ class Progress:
 
 
 class RunDir:
-    """The run directory: the resolved config (config.yaml) and metrics.jsonl, one object per epoch."""
+    """The run directory: the resolved config (config.yaml) and metrics.jsonl, one JSON object per
+    line, its "event" saying what: 'epoch', 'checkpoint', 'replica_lost', 'step_skipped'."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -17,7 +17,8 @@ import torch
 
 SHM_DIR = Path("/dev/shm")
 PEER_TIMEOUT_S = 120.0
-PUBLISHED, APPLIED, FAILED = 0, 1, 2  # a replica's control block: two step counters and a flag
+PUBLISHED, APPLIED, FAILED = 0, 1, 2  # a replica's control block: two step counters, a flag,
+LOSS = 3  # and the local loss published with each of the two gradient buffers (float64 bits)
 LIVENESS_CHECK_S = 0.1
 
 
@@ -32,10 +33,11 @@ class ObjectStoreWire:
 
     kind = "object_store"
 
-    def publish(self, flat: torch.Tensor, step: int) -> np.ndarray:
-        return flat.detach().cpu().numpy()
+    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[np.ndarray, float]:
+        return flat.detach().cpu().numpy(), loss
 
-    def read(self, item: np.ndarray) -> np.ndarray:
+    def read(self, item: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        """A peer's gradient and the local loss that came with it."""
         return item
 
     def applied(self, step: int) -> None:
@@ -43,6 +45,9 @@ class ObjectStoreWire:
 
     def fail(self) -> None:
         pass
+
+    def abandon(self, rank: int) -> None:
+        pass  # a dead peer's objects fail by themselves: Ray reports the actor's death
 
 
 class SharedMemoryWire:
@@ -61,14 +66,16 @@ class SharedMemoryWire:
 
     kind = "shared_memory"
 
-    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str):
+    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0):
+        """Buffers for the replica at wire position `rank`, whose next gradient is for global step `step`."""
         self.rank = rank
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in ("grad0", "grad1", "control")]
         self.grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
-        self.control = np.memmap(self.paths[2], dtype=np.int64, mode="w+", shape=(3,))
-        self.control[:] = [-1, -1, 0]
+        self.control = np.memmap(self.paths[2], dtype=np.int64, mode="w+", shape=(LOSS + 2,))
+        self.control[:LOSS] = [step - 1, step - 1, 0]
         self.peers: dict[int, tuple[list[np.ndarray], np.ndarray]] = {rank: (self.grads, self.control)}
         self.pids: dict[int, int] = {}
+        self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
 
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
         """Map every peer's buffers and control block, read-only; remember its pid to notice its death."""
@@ -77,7 +84,7 @@ class SharedMemoryWire:
         for rank, paths in paths_by_rank.items():
             if rank != self.rank:
                 grads = [np.memmap(p, dtype=grad.dtype, mode="r", shape=grad.shape) for p in paths[:2]]
-                self.peers[rank] = (grads, np.memmap(paths[2], dtype=np.int64, mode="r", shape=(3,)))
+                self.peers[rank] = (grads, np.memmap(paths[2], dtype=np.int64, mode="r", shape=(LOSS + 2,)))
 
     def unlink(self) -> None:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
@@ -85,19 +92,21 @@ class SharedMemoryWire:
         for path in self.paths:
             os.unlink(path)
 
-    def publish(self, flat: torch.Tensor, step: int) -> tuple[int, int]:
+    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
         for rank, (_, control) in self.peers.items():
             if rank != self.rank:
                 self._wait(rank, lambda c=control: c[APPLIED] >= step - 2, f"to apply step {step - 2}")
         self.grads[step % 2][:] = flat.detach().cpu().numpy()
-        self.control[PUBLISHED] = step
+        self.control[LOSS:].view(np.float64)[step % 2] = loss
+        self.control[PUBLISHED] = step  # last: a peer that sees the step sees its buffer and loss
         return self.rank, step
 
-    def read(self, token: tuple[int, int]) -> np.ndarray:
+    def read(self, token: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """A peer's gradient of a step, and the local loss published with it."""
         rank, step = token
         grads, control = self.peers[rank]
         self._wait(rank, lambda: control[PUBLISHED] >= step, f"to publish step {step}")
-        return grads[step % 2]
+        return grads[step % 2], float(control[LOSS:].view(np.float64)[step % 2])
 
     def applied(self, step: int) -> None:
         self.control[APPLIED] = step
@@ -105,6 +114,10 @@ class SharedMemoryWire:
     def fail(self) -> None:
         """Tell the peers this replica failed, so none of them waits for it."""
         self.control[FAILED] = 1
+
+    def abandon(self, rank: int) -> None:
+        """Stop waiting for the peer at `rank` (called from another thread while this one may wait)."""
+        self.abandoned.add(rank)
 
     def _wait(self, rank: int, ready, what: str) -> None:
         if ready():
@@ -114,7 +127,7 @@ class SharedMemoryWire:
         pause = 0.0
         while not ready():
             now = time.monotonic()
-            if control[FAILED]:
+            if control[FAILED] or rank in self.abandoned:
                 raise PeerFailed(f"replica {rank} failed while this one waited for it {what}")
             if now - checked > LIVENESS_CHECK_S:
                 checked = now

@@ -1,0 +1,41 @@
+"""Models for fault tests, importable by replicas (tests/ is on their PYTHONPATH)."""
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class Gated(torch.nn.Linear):
+    """A 1 -> 1 linear model whose training forwards, from the `at`-th on in each process, write
+    `<folder>/reached-<pid>` and then wait while `<folder>/hold` exists.
+
+    The test holds the run at a known step, injects its fault into a process it found through
+    Ray's state API, and removes `hold`: the fault always lands mid-run. A replacement replica
+    is a new process, so it meets the gate only after its own `at` forwards.
+    """
+
+    def __init__(self, folder: str, at: int):
+        super().__init__(1, 1)
+        self.folder, self.at, self.calls = Path(folder), at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                (self.folder / f"reached-{os.getpid()}").touch()
+            while self.calls >= self.at and (self.folder / "hold").exists():
+                time.sleep(0.005)  # a replica held on purpose: no event reaches it but the file
+        return super().forward(x)
+
+
+class Poisoned(torch.nn.Linear):
+    """A 1 -> 1 linear model whose output is NaN for any batch holding the sample x == -7."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * torch.where(x == -7, torch.nan, 1.0)

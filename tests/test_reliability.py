@@ -1,0 +1,229 @@
+"""Faults injected for real (SIGKILL, ray.kill, SIGSTOP, NaN, a lost checkpoint, a killed driver):
+every run that goes on ends with the parameters and losses of an uninterrupted one."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytorch import CheckpointError, NonFiniteError, ReplicaError, TrainConfig, Trainer
+from raytorch.builtins import linear_data
+from raytorch.checkpoint import listed
+
+from faults import Gated, Poisoned
+from reference import assert_same_parameters, train_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = dict(epochs=3, batch_size=16, lr=1e-4, optimizer="sgd", seed=3)  # 30 steps per epoch
+DATA = partial(linear_data, 480, 3)
+WAIT_S = 60.0
+
+
+def reference(**overrides):
+    job = {**JOB, **overrides}
+    return train_reference(partial(torch.nn.Linear, 1, 1), DATA(), F.mse_loss, **job)
+
+
+def assert_matches_reference(result, **overrides):
+    model, losses = reference(**overrides)
+    assert_same_parameters(result.model, model)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    assert len(set(result.replica_digests)) == 1
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {WAIT_S:g} s for {what}"
+        time.sleep(0.01)  # the event is a file another process writes: poll it
+
+
+def replica_process(name, reached_pids):
+    """The live actor named `name` of this run, found through Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])
+              if a.pid in reached_pids]
+    assert len(actors) == 1, actors
+    return actors[0]
+
+
+def inject(folder: Path, workers: int, fault, name="replica-1"):
+    """Once every replica waits at the gate, apply `fault` to replica `name`, then open the gate."""
+
+    def run():
+        reached = lambda: {int(p.name.split("-")[1]) for p in folder.glob("reached-*")}  # noqa: E731
+        wait_for(lambda: len(reached()) >= workers, "the replicas to reach the gate")
+        fault(replica_process(name, reached()))
+        (folder / "hold").unlink()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def sigkill(actor):
+    os.kill(actor.pid, signal.SIGKILL)
+
+
+def ray_kill(actor):
+    import ray
+
+    ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace))
+
+
+def sigstop(actor):
+    os.kill(actor.pid, signal.SIGSTOP)  # a hang: the process exists, and answers nothing
+
+
+def gated_run(tmp_path, at=40, **config):
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "hold").touch()
+    trainer = Trainer(TrainConfig(**{**JOB, **config}), model_fn=partial(Gated, str(folder), at),
+                      dataset_fn=DATA, loss_fn=F.mse_loss)
+    return folder, trainer
+
+
+@pytest.mark.parametrize("reduction, fault, cause", [
+    ("shared_memory", sigkill, "ActorDiedError"),
+    ("object_store", sigkill, "ActorDiedError"),
+    ("shared_memory", ray_kill, "ActorDiedError"),
+    ("shared_memory", sigstop, "hang"),
+])
+def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys, reduction, fault, cause):
+    folder, trainer = gated_run(tmp_path, workers=2, reduction=reduction, step_timeout=2.0,
+                                output_dir=str(tmp_path / "run"))
+    injector = inject(folder, 2, fault)
+    result = trainer.fit()
+    injector.join()
+    assert_matches_reference(result)
+    [restart] = result.restarts
+    assert restart["replicas"] == ["replica-1"] and restart["cause"] == cause
+    assert restart["replaced"] == ["replica-1"] and restart["workers"] == 2
+    assert 38 <= restart["step"] < 60  # hit in epoch 1: the gate holds replicas at step 39 (ray.kill lands a little later)
+    assert restart["recovery_s"] > 0
+    out = capsys.readouterr().out
+    assert "restarts: 1 (replica-1, step" in out and "recovered: first step after the loss" in out
+    events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "replica_lost" in line]
+    assert len(events) == 1
+
+
+def test_no_room_for_a_replacement_goes_on_with_fewer_replicas(ray_local, tmp_path, capsys):
+    # A replacement gets replace_timeout to start; 1 ms is too short for any process to start.
+    folder, trainer = gated_run(tmp_path, workers=3, replace_timeout=0.001)
+    injector = inject(folder, 3, sigkill)
+    result = trainer.fit()
+    injector.join()
+    assert_matches_reference(result)
+    [restart] = result.restarts
+    assert restart["dropped"] == ["replica-1"] and restart["workers"] == 2
+    assert "going on with 2 replicas" in capsys.readouterr().out
+
+
+def test_below_min_workers_the_run_stops_with_a_checkpoint_and_resumes(ray_local, tmp_path):
+    run = tmp_path / "run"
+    folder, trainer = gated_run(tmp_path, workers=2, min_workers=2, replace_timeout=0.001, output_dir=str(run))
+    injector = inject(folder, 2, sigkill)
+    with pytest.raises(ReplicaError, match=r"1 replicas left, fewer than min_workers=2; checkpoint .*step-0000000(39|40)\.pt"):
+        trainer.fit()
+    injector.join()
+    config = TrainConfig(**JOB, workers=2, output_dir=str(run))
+    result = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                     resume_from=str(run), quiet=True).fit()
+    assert result.resumed_from in (39, 40)
+    assert_matches_reference(result)
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_replica(ray_local, tmp_path):
+    data = DATA()
+    data.x[16 * 4 + 12] = -7  # step 4 of epoch 0 (no shuffle), in the second replica's half
+    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, output_dir=str(tmp_path / "run"))
+    with pytest.raises(NonFiniteError, match=r"replica 1: non-finite loss nan at step 4 \(epoch 0\); "
+                                             r"no checkpoint written"):
+        Trainer(config, model_fn=Poisoned, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
+
+
+def test_nonfinite_step_skipped_on_every_replica(ray_local):
+    data = DATA()
+    data.x[16 * 4 + 12] = -7
+    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, on_nonfinite="skip")
+    result = Trainer(config, model_fn=Poisoned, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
+    assert result.skipped_steps == [4, 34, 64]  # the poisoned sample is in step 4 of every epoch
+    model, losses = train_reference(Poisoned, data, F.mse_loss, **{**JOB, "shuffle": False}, skip_nonfinite=True)
+    assert_same_parameters(result.model, model)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    assert len(set(result.replica_digests)) == 1
+
+
+def test_resume_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_run(ray_local, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = TrainConfig(**JOB, workers=2, output_dir=str(run), checkpoint_every=7, keep_checkpoints=100)
+    full = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                   quiet=True).fit()
+    steps = sorted(int(p.name[5:14]) for p in listed(run))
+    assert steps == sorted({*range(7, 90, 7), 30, 60, 90})
+    # The run "stopped" after step 49: later checkpoints never written, the last one half written.
+    for path in listed(run):
+        if int(path.name[5:14]) > 49:
+            path.unlink()
+    newest = listed(run)[0]
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = Trainer(TrainConfig(**JOB, workers=3, output_dir=str(run)), model_fn=partial(torch.nn.Linear, 1, 1),
+                      dataset_fn=DATA, loss_fn=F.mse_loss, resume_from=str(run)).fit()
+    out = capsys.readouterr().out
+    assert "skipping a checkpoint: " in out and "step-000000049.pt: checksum mismatch" in out
+    assert resumed.resumed_from == 42  # epoch 1, step 12 of 30, on 3 replicas instead of 2
+    assert_same_parameters(resumed.model, full.model)
+    assert resumed.epoch_losses == pytest.approx(full.epoch_losses, rel=1e-6)
+    assert_matches_reference(resumed)
+
+
+def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
+    run = tmp_path / "run"
+    Trainer(TrainConfig(**{**JOB, "epochs": 1}, output_dir=str(run)), model_fn=partial(torch.nn.Linear, 1, 1),
+            dataset_fn=DATA, loss_fn=F.mse_loss, quiet=True).fit()
+    with pytest.raises(CheckpointError, match=r"trained with lr=0.0001, this run asks for 0.5: resume with the same lr"):
+        Trainer(TrainConfig(**{**JOB, "epochs": 1, "lr": 0.5}), model_fn=partial(torch.nn.Linear, 1, 1),
+                dataset_fn=DATA, loss_fn=F.mse_loss, resume_from=str(run), quiet=True).fit()
+    with pytest.raises(CheckpointError, match=r"nothing to resume from in .*no checkpoint in"):
+        Trainer(TrainConfig(**JOB), model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                resume_from=str(tmp_path / "elsewhere"), quiet=True).fit()
+
+
+def test_killed_driver_rerun_with_resume_finishes_the_job(ray_local, tmp_path):
+    """The driver process is SIGKILLed after a checkpoint; the same command with --resume finishes."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--address", ray_local.get_runtime_context().gcs_address,
+               "--epochs", "3", "--batch-size", "16", "--lr", "1e-4", "--optimizer", "sgd", "--seed", "3",
+               "--workers", "2", "--output-dir", str(run), "--checkpoint-every", "50"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: listed(run) or driver.poll() is not None, "the driver's first checkpoint")
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert not (run / "model.pt").exists()
+    done = subprocess.run(command + ["--resume", str(run)], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and "Epoch 2:" in done.stdout
+    model = torch.nn.Linear(1, 1)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    # the CLI's built-in 'linear' dataset (10,000 samples: 1,875 steps) trained by plain PyTorch
+    from raytorch.builtins import DATASETS
+
+    task = DATASETS["linear"]
+    expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **JOB)
+    assert_same_parameters(model, expected)
