@@ -2,14 +2,15 @@
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 
-class Gated(torch.nn.Linear):
-    """A 1 -> 1 linear model whose training forwards, from the `at`-th on in each process, write
-    `<folder>/reached-<pid>` and then wait while `<folder>/hold` exists.
+class Gate:
+    """A forward pre-hook: the module's training forwards, from the `at`-th on in each process,
+    write `<folder>/reached-<pid>` and then wait while `<folder>/hold` exists.
 
     The test holds the run at a known step, injects its fault into a process it found through
     Ray's state API, and removes `hold`: the fault always lands mid-run. A replacement replica
@@ -17,17 +18,27 @@ class Gated(torch.nn.Linear):
     """
 
     def __init__(self, folder: str, at: int):
-        super().__init__(1, 1)
         self.folder, self.at, self.calls = Path(folder), at, 0
 
-    def forward(self, x):
-        if self.training:
+    def __call__(self, module, inputs):
+        if module.training:
             self.calls += 1
             if self.calls == self.at:
                 (self.folder / f"reached-{os.getpid()}").touch()
             while self.calls >= self.at and (self.folder / "hold").exists():
                 time.sleep(0.005)  # a replica held on purpose: no event reaches it but the file
-        return super().forward(x)
+
+
+def gated(model_fn, folder: str, at: int) -> torch.nn.Module:
+    """model_fn() with a Gate on its forward."""
+    model = model_fn()
+    model.register_forward_pre_hook(Gate(folder, at))
+    return model
+
+
+def Gated(folder: str, at: int) -> torch.nn.Module:  # noqa: N802  (reads as the model it builds)
+    """A gated 1 -> 1 linear model."""
+    return gated(partial(torch.nn.Linear, 1, 1), folder, at)
 
 
 class Poisoned(torch.nn.Linear):

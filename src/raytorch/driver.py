@@ -147,24 +147,28 @@ class Trainer:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
         steps = self._steps_per_epoch = steps_per_epoch(train_size, config.batch_size, config.drop_last)
+        per_epoch = steps * config.batch_size if config.drop_last else train_size  # samples
         epoch_times = []
         started = time.perf_counter()
         self._step_time, self._recovering = 0.0, None
+        epoch_started = None
         while at.epoch < config.epochs:
             epoch = at.epoch
             batches = global_batches(epoch_order(train_size, config.seed, epoch, config.shuffle),
                                      config.batch_size, config.drop_last)
-            epoch_started = time.perf_counter()
+            if epoch_started is None:  # not again when the epoch goes on after a loss
+                epoch_started = time.perf_counter()
             try:
                 # the epoch's steps, from where the run stands (after a loss or a resume: mid-epoch)
                 self._steps(group, at, batches, steps, progress)
                 epoch_time = time.perf_counter() - epoch_started
                 # evaluate: each replica scores a contiguous part of the eval set
+                eval_loss = None
                 if eval_size:
                     eval_parts = split_batch(torch.arange(eval_size), len(group.actors))
                     scores = group.get([r.evaluate.remote(p.numpy(), config.batch_size)
                                         for r, p in zip(group.actors, eval_parts)])
-                    at.eval_losses.append(weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts]))
+                    eval_loss = weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts])
                 state = group.get([group.actors[0].state.remote()])[0] if scalar_linear else None
             except ReplicaLost as lost:
                 # recover: replace the lost replicas, bring all to the most advanced survivor's step
@@ -176,18 +180,20 @@ class Trainer:
             at.epoch_losses.append(weighted_mean(finished, [n for loss, n in zip(at.losses, at.counts)
                                                             if math.isfinite(loss)]) if finished else math.nan)
             epoch_times.append(epoch_time)
-            eval_loss = at.eval_losses[-1] if eval_size else None
+            if eval_loss is not None:
+                at.eval_losses.append(eval_loss)
             self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss))
             if run_dir:
                 run_dir.log({"event": "epoch", "epoch": epoch, "loss": at.epoch_losses[-1], "eval_loss": eval_loss,
-                             "steps": (epoch + 1) * steps, "samples": self._samples(epoch + 1, 0, batches),
+                             "steps": (epoch + 1) * steps, "samples": (epoch + 1) * per_epoch,
                              "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
             # checkpoint: the next epoch starts from here
             at.epoch, at.index, at.losses, at.counts = epoch + 1, 0, [], []
+            epoch_started = None
             if run_dir:
                 self._checkpoint(group, at)
         wall = time.perf_counter() - started
-        steps_done, samples_done = config.epochs * steps, self._samples(config.epochs, 0, batches)
+        steps_done, samples_done = config.epochs * steps, config.epochs * per_epoch
         if at.eval_losses:
             self._say(final_line(at.eval_losses[-1]))
         self._say(summary_line(at.epoch_losses[-1], at.eval_losses[-1] if at.eval_losses else None, steps_done,
@@ -292,7 +298,7 @@ class Trainer:
     def _recover(self, group: ReplicaGroup, lost: ReplicaLost, at: Position, batches: list, steps: int) -> None:
         """Replace the lost replicas (or go on without them), load every replica with the most
         advanced survivor's state, and set `at` to that step: its gradient is computed again."""
-        detected = time.perf_counter()
+        detected, detected_at = time.perf_counter(), time.time()
         config = self.config
         self._drain()
         cause = lost.__cause__
@@ -322,7 +328,7 @@ class Trainer:
                 lost = again
         else:
             raise ReplicaError(f"replicas kept failing while recovering ({lost}); {self._kept()}") from lost
-        record = {"event": "replica_lost", "step": step, "replicas": names, "cause": kind, "replaced":
+        record = {"event": "replica_lost", "detected_at": detected_at, "step": step, "replicas": names, "cause": kind, "replaced":
                   [f"replica-{r}" for r in replaced], "dropped": [f"replica-{r}" for r in dropped],
                   "workers": len(group.actors)}
         at.restarts.append(record)
@@ -403,10 +409,6 @@ class Trainer:
                         counts=saved["counts"].tolist(), epoch_losses=list(saved["epoch_losses"]),
                         eval_losses=list(saved["eval_losses"]), restarts=json.loads(saved["restarts"]),
                         skipped=list(saved["skipped"]))
-
-    def _samples(self, epochs: int, index: int, batches: list) -> int:
-        per_epoch = sum(len(b) for b in batches)
-        return epochs * per_epoch + sum(len(b) for b in batches[:index])
 
     def _kept(self) -> str:
         last = getattr(self, "_last_checkpoint", None)
