@@ -88,6 +88,12 @@ class TrainConfig:
     output_dir: Optional[str] = None
     """Run directory for the resolved config, metrics.jsonl, checkpoints and the final model.pt; nothing is written without it."""
 
+    log_every: int = 10
+    """With output_dir: a per-step record (loss, samples/s) in metrics.jsonl every N steps, besides the per-epoch ones; 0: epoch records only."""
+
+    tensorboard: bool = False
+    """With output_dir: also write TensorBoard event files to output_dir/tensorboard (needs the tensorboard package: pip install 'raytorch[tensorboard]')."""
+
     checkpoint_every: int = 0
     """With output_dir: also checkpoint every N steps (a checkpoint is always written at each epoch's end); 0: epoch ends only."""
 
@@ -135,6 +141,15 @@ class TrainConfig:
             raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {self.checkpoint_every}")
         if self.checkpoint_every and not self.output_dir:
             raise ConfigError("checkpoint_every", "checkpoints go to output_dir: set output_dir too")
+        if self.log_every < 0:
+            raise ConfigError("log_every", f"must be >= 0 steps, got {self.log_every}")
+        if self.tensorboard and not self.output_dir:
+            raise ConfigError("tensorboard", "event files go to output_dir: set output_dir too")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as e:
+                raise ConfigError("tensorboard", "needs the tensorboard package: pip install 'raytorch[tensorboard]'") from e
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         if not 1 <= self.min_workers <= self.workers:

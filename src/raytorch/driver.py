@@ -28,6 +28,7 @@ from .group import ReplicaGroup, ReplicaLost, replica_group
 from .plan import plan_steps, steps_per_call
 from .reduce import weighted_mean
 from .report import Progress, RunDir, epoch_line, final_line, is_scalar_linear, restarts_line, summary_line
+from .telemetry import RunMetrics
 from .sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
 # Calls the driver submits ahead of the losses it has gathered: Ray's per-call latency then
@@ -82,6 +83,27 @@ class Position:
     restarts: list[dict] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
+    loss_sum: float = 0.0  # over the epoch's finite steps: sum of loss * samples, and the samples
+    loss_samples: int = 0
+
+    def add(self, loss: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.counts.append(samples)
+        if math.isfinite(loss):
+            self.loss_sum += loss * samples
+            self.loss_samples += samples
+
+    def trim(self, steps: int) -> None:
+        """Keep the epoch's first `steps` losses."""
+        losses, counts = self.losses[:steps], self.counts[:steps]
+        self.losses, self.counts, self.loss_sum, self.loss_samples = [], [], 0.0, 0
+        for loss, samples in zip(losses, counts):
+            self.add(loss, samples)
+
+    def running_loss(self) -> Optional[float]:
+        """The epoch's sample-weighted mean loss so far, non-finite (skipped) steps left out."""
+        return self.loss_sum / self.loss_samples if self.loss_samples else None
+
 
 class Trainer:
     """Data-parallel training of `model_fn()` on `dataset_fn()` over config.workers Ray replicas.
@@ -126,15 +148,24 @@ class Trainer:
                 start = Position()
                 if saved is not None:
                     start = self._restore(group, saved)
+                self._metrics = RunMetrics(run_name)
+                self._metrics.set(workers=len(group.actors))
                 try:
                     result = self._train(group, start, len(train_set), len(eval_set) if eval_set is not None else 0,
                                          scalar_linear=is_scalar_linear(init_state))
                 except ReplicaError:
                     self._drain(timeout=5.0)  # the calls still in flight fail too: take their errors quietly
                     raise
+                finally:
+                    self._metrics.close()
+                    if self._run_dir:
+                        self._run_dir.close()
         model.load_state_dict(result.pop("state"))
         if self._run_dir:
             torch.save(model.state_dict(), self._run_dir.path / "model.pt")
+            plot = self._run_dir.plot()
+            self._say(f"Loss curve: {plot}" if plot else "No loss curve drawn: it needs matplotlib "
+                      "(pip install 'raytorch[plot]')")
         return TrainResult(model=model, resumed_from=saved["step"] if saved else None, **result)
 
     def _train(self, group: ReplicaGroup, at: Position, train_size: int, eval_size: int,
@@ -175,10 +206,10 @@ class Trainer:
                 progress.close()
                 self._recover(group, lost, at, batches, steps)
                 continue
-            # log: the seed's line, and a metrics record
-            finished = [loss for loss in at.losses if math.isfinite(loss)]
-            at.epoch_losses.append(weighted_mean(finished, [n for loss, n in zip(at.losses, at.counts)
-                                                            if math.isfinite(loss)]) if finished else math.nan)
+            # log: the seed's line, a metrics record, the dashboard's gauges
+            running = at.running_loss()
+            at.epoch_losses.append(math.nan if running is None else running)
+            self._metrics.set(train_loss=running, eval_loss=eval_loss)
             epoch_times.append(epoch_time)
             if eval_loss is not None:
                 at.eval_losses.append(eval_loss)
@@ -188,7 +219,8 @@ class Trainer:
                              "steps": (epoch + 1) * steps, "samples": (epoch + 1) * per_epoch,
                              "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
             # checkpoint: the next epoch starts from here
-            at.epoch, at.index, at.losses, at.counts = epoch + 1, 0, [], []
+            at.epoch, at.index = epoch + 1, 0
+            at.trim(0)
             epoch_started = None
             if run_dir:
                 self._checkpoint(group, at)
@@ -220,6 +252,7 @@ class Trainer:
         progress.start(at.epoch, len(batches), done=at.index)
         done = at.index
         self._timing = (time.perf_counter(), at.index)
+        self._last_collect, self._samples_since = self._timing[0], 0
         while done < len(batches):
             size = steps_per_call(wire, self._step_time)
             if config.checkpoint_every:  # calls end where a checkpoint is due
@@ -228,8 +261,10 @@ class Trainer:
             # split each batch: contiguous near-equal parts, part r to replica r, and plan the
             # all-reduce of each step: weights n_r / n and a route to every replica's gradient
             plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done)
-            # replicas follow their plans: apply the previous all-reduce, compute their gradient
-            calls = [r.run.remote(plan, *carried) for r, plan in zip(replicas, plans)]
+            # replicas follow their plans: apply the previous all-reduce, compute their gradient (the
+            # dashboard's task list names each call)
+            name = f"epoch {at.epoch} steps {first_step + done}-{first_step + done + len(chunk) - 1}"
+            calls = [r.run.options(name=name).remote(plan, *carried) for r, plan in zip(replicas, plans)]
             # all-reduce through the driver: the next call gets the last step's gradients (by
             # reference on the object-store wire; by (rank, step) from shared memory otherwise)
             carried = [calls[r][0] for r, n in enumerate(sizes[-1]) if n] if wire == "object_store" else []
@@ -266,23 +301,35 @@ class Trainer:
         except NonFiniteError as e:
             raise NonFiniteError(f"{e} (epoch {at.epoch}); {self._kept()}") from e
         pending.popleft()  # only now: a call that failed stays listed, for _drain
-        before = len(at.losses)
+        before, sum_before, samples_before = len(at.losses), at.loss_sum, at.loss_samples
+        now = time.perf_counter()
         for offset, sizes in enumerate(sizes_per_step):
             active = [r for r, n in enumerate(sizes) if n]
             parts = [per_replica[r][offset] for r in active]
-            at.losses.append(weighted_mean(parts, [sizes[r] for r in active]))
-            at.counts.append(sum(sizes))
+            at.add(weighted_mean(parts, [sizes[r] for r in active]), sum(sizes))
             if not math.isfinite(at.losses[-1]):  # on_nonfinite 'skip': every replica skipped its update
                 culprits = ", ".join(f"replica-{group.ranks[r]}" for r, p in zip(active, parts) if not math.isfinite(p))
                 at.skipped.append(first_step + offset)
                 self._say(f"step {first_step + offset}: non-finite loss or gradient on {culprits}; update skipped")
                 self._event({"event": "step_skipped", "step": first_step + offset, "replicas": culprits})
         at.index = before + len(sizes_per_step)
-        done = range(before, len(at.losses))
-        finite = [i for i in done if math.isfinite(at.losses[i])]
-        progress.advance(len(done), sum(at.counts[i] for i in finite), sum(at.losses[i] * at.counts[i] for i in finite))
+        # the dashboard's figures, and a per-step record every log_every steps
+        samples = sum(at.counts[before:])
         started, index = self._timing
-        self._step_time = (time.perf_counter() - started) / max(1, len(at.losses) - index)
+        self._samples_since += samples
+        rate = self._samples_since / max(now - started, 1e-9)
+        self._metrics.stepped(len(sizes_per_step), samples, (now - self._last_collect) / len(sizes_per_step))
+        self._last_collect = now
+        self._metrics.set(step=first_step + len(sizes_per_step), epoch=at.epoch, samples_per_second=rate,
+                          train_loss=at.running_loss())
+        every = self.config.log_every
+        for offset in range(len(sizes_per_step)):
+            done_steps = first_step + offset + 1
+            if every and done_steps % every == 0:
+                self._event({"event": "step", "epoch": at.epoch, "step": done_steps,
+                             "loss": at.losses[before + offset], "samples_per_s": rate})
+        progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)
+        self._step_time = (now - started) / max(1, len(at.losses) - index)
 
     def _first_step_done(self) -> None:
         now = time.perf_counter()
@@ -332,13 +379,14 @@ class Trainer:
                   [f"replica-{r}" for r in replaced], "dropped": [f"replica-{r}" for r in dropped],
                   "workers": len(group.actors)}
         at.restarts.append(record)
+        self._metrics.restarted(len(names))
+        self._metrics.set(workers=len(group.actors))
         # the losses of steps the driver had not gathered yet come with the snapshot
         index = step - at.epoch * steps
         logged = ray.get(snapshot)["losses"]
-        del at.losses[index:], at.counts[index:]
+        at.trim(index)
         for k in range(len(at.losses), index):
-            at.losses.append(logged[at.epoch * steps + k])
-            at.counts.append(len(batches[k]))
+            at.add(logged[at.epoch * steps + k], len(batches[k]))
         at.index = index
         if dropped:
             self._say(f"no room for a replacement of {', '.join(record['dropped'])} within replace_timeout "
@@ -405,10 +453,12 @@ class Trainer:
         group.get([a.restore.remote(snapshot) for a in group.actors])
         group.rewire()  # the shared-memory step counters start at the restored step
         self._say(f"resumed from {self._last_checkpoint}: epoch {saved['epoch']}, step {saved['step']}")
-        return Position(epoch=saved["epoch"], index=saved["index"], losses=saved["losses"].tolist(),
-                        counts=saved["counts"].tolist(), epoch_losses=list(saved["epoch_losses"]),
-                        eval_losses=list(saved["eval_losses"]), restarts=json.loads(saved["restarts"]),
-                        skipped=list(saved["skipped"]))
+        at = Position(epoch=saved["epoch"], index=saved["index"], epoch_losses=list(saved["epoch_losses"]),
+                      eval_losses=list(saved["eval_losses"]), restarts=json.loads(saved["restarts"]),
+                      skipped=list(saved["skipped"]))
+        for loss, samples in zip(saved["losses"].tolist(), saved["counts"].tolist()):
+            at.add(loss, samples)
+        return at
 
     def _kept(self) -> str:
         last = getattr(self, "_last_checkpoint", None)
@@ -424,7 +474,7 @@ class Trainer:
     def _run_dir(self) -> Optional[RunDir]:
         if not hasattr(self, "_run_dir_cache"):
             path = self.config.output_dir or self.resume_from
-            self._run_dir_cache = RunDir(path) if path else None
+            self._run_dir_cache = RunDir(path, tensorboard=self.config.tensorboard) if path else None
         return self._run_dir_cache
 
     def _say(self, line: str) -> None:

@@ -24,6 +24,7 @@ from .device import replica_device, torch_threads
 from .errors import NonFiniteError, PeerError, ReplicaError
 from .optim import make_optimizer, make_schedule
 from .reduce import weighted_sum
+from .telemetry import ReplicaMetrics
 from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire, shared_memory_available
 
 # Global losses of the last steps this replica applied: what the driver had not gathered yet
@@ -90,6 +91,7 @@ class Replica:
         self.on_nonfinite = config.on_nonfinite
         self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
         self.computing_since = None  # set while a step's forward and backward run
+        self.metrics = ReplicaMetrics(run_name, f"replica-{rank}") if ray.is_initialized() else None
         self.device = replica_device(config.device)
         self.model = model_fn().to(self.device)
         self.model.load_state_dict(init_state)
@@ -123,11 +125,15 @@ class Replica:
         step, None where this replica had no sample).
         """
         handoff, losses = None, []
+        reducing, applied = 0.0, 0
         for indices, reduce in plan:
             if reduce is not None:
-                self._apply(reduce, grads)
+                reducing += self._apply(reduce, grads)
+                applied += 1
             handoff, loss = self._compute(indices)
             losses.append(loss)
+        if self.metrics and applied:
+            self.metrics.allreduced(reducing / applied)
         return handoff, losses
 
     @_reported
@@ -162,12 +168,15 @@ class Replica:
             raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}")
         return math.nan
 
-    def _apply(self, reduce, grads) -> None:
+    def _apply(self, reduce, grads) -> float:
+        """Sum the routed gradients, step; returns the seconds the all-reduce took (waits included)."""
+        started = time.perf_counter()
         weights, routes = reduce
         items = [grads[route] if isinstance(route, int) else route for route in routes]
         parts = [self.wire.read(item) for item in items]
         loss = sum(w * part_loss for w, (_, part_loss) in zip(weights, parts))
         weighted_sum([grad for grad, _ in parts], weights, out=self.host_grad)
+        reduced = time.perf_counter() - started
         self.wire.applied(self.steps)
         self.loss_log.append((self.steps, loss))
         if math.isfinite(loss):  # the same test on the same numbers: every replica decides alike
@@ -177,6 +186,7 @@ class Replica:
         # else on_nonfinite 'skip' (a 'stop' raised in _compute): drop the update, keep the schedule
         self.schedule.step()
         self.steps += 1
+        return reduced
 
     def share_memory(self, prefix: str, position: int) -> list[str]:
         """Switch to (fresh) shared-memory wire buffers at `position` among the replicas (all on one

@@ -1,0 +1,84 @@
+"""A run's figures as Ray metrics (ray.util.metrics): each node's Prometheus endpoint serves them
+(with Ray's `ray_` prefix; counters end in `_total`), Grafana and the dashboard's Metrics page show
+them (docs/grafana/raytorch.json). Tagged by run; the all-reduce time also by replica.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from ray.util import metrics
+
+# Ray drops a gauge ~2 export intervals (20 s by default) after its last set(): set them again
+# while the run lives, so a slow epoch does not blank the dashboard.
+REFRESH_S = 5.0
+STEP_BOUNDARIES = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
+
+
+class RunMetrics:
+    """The driver's metrics of one run."""
+
+    def __init__(self, run: str):
+        self.tags = {"run": run}
+        keys = ("run",)
+        self.gauges = {
+            name: metrics.Gauge(f"raytorch_{name}", description, tag_keys=keys)
+            for name, description in (
+                ("train_loss", "Running mean train loss of the current epoch"),
+                ("eval_loss", "Eval loss after the last epoch"),
+                ("epoch", "Epoch in progress"),
+                ("step", "Global steps done"),
+                ("samples_per_second", "Training samples per second over the current epoch"),
+                ("workers", "Replicas training"),
+            )
+        }
+        self.steps = metrics.Counter("raytorch_steps", "Optimizer steps taken", tag_keys=keys)
+        self.samples = metrics.Counter("raytorch_samples", "Training samples processed", tag_keys=keys)
+        self.restarts = metrics.Counter("raytorch_replica_restarts", "Replicas lost and replaced (or dropped)",
+                                        tag_keys=keys)
+        self.step_time = metrics.Histogram("raytorch_step_seconds", "Wall time per step, seen by the driver",
+                                           boundaries=STEP_BOUNDARIES, tag_keys=keys)
+        self.values: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.refresher = threading.Thread(target=self._refresh, name="raytorch-metrics", daemon=True)
+        self.refresher.start()
+
+    def set(self, **values: Optional[float]) -> None:
+        """Set gauges by short name (train_loss=..., epoch=...); None leaves one as it is."""
+        with self.lock:
+            for name, value in values.items():
+                if value is not None:
+                    self.values[name] = float(value)
+                    self.gauges[name].set(float(value), tags=self.tags)
+
+    def stepped(self, steps: int, samples: int, seconds_per_step: float) -> None:
+        self.steps.inc(steps, tags=self.tags)
+        self.samples.inc(samples, tags=self.tags)
+        self.step_time.observe(seconds_per_step, tags=self.tags)
+
+    def restarted(self, replicas: int) -> None:
+        self.restarts.inc(replicas, tags=self.tags)
+
+    def close(self) -> None:
+        self.stopped.set()
+
+    def _refresh(self) -> None:
+        while not self.stopped.wait(REFRESH_S):
+            with self.lock:
+                for name, value in self.values.items():
+                    self.gauges[name].set(value, tags=self.tags)
+
+
+class ReplicaMetrics:
+    """A replica's metrics: the time its all-reduce takes (reading and summing its peers' gradients,
+    waiting for them included), observed once per call as the mean over the call's steps."""
+
+    def __init__(self, run: str, replica: str):
+        self.tags = {"run": run, "replica": replica}
+        self.allreduce = metrics.Histogram("raytorch_allreduce_seconds", "All-reduce time per step, per replica",
+                                           boundaries=STEP_BOUNDARIES, tag_keys=("run", "replica"))
+
+    def allreduced(self, seconds_per_step: float) -> None:
+        self.allreduce.observe(seconds_per_step, tags=self.tags)
