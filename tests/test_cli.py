@@ -33,7 +33,7 @@ def test_default_job_reproduces_the_seed_note():
     assert abs(w - 2) < 0.01 and abs(b - 1) < 0.05, proc.stdout
     final = re.search(r"^Final loss is: ([\d.]+)$", proc.stdout, re.M)
     assert final and float(final.group(1)) < 0.01
-    assert re.search(r"^Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)  # the local Ray stayed on loopback
+    assert re.search(r"^Run raytorch-[\w-]+: Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)  # the local Ray stayed on loopback
     assert re.search(r"^Done: 1000 steps on 2 replicas in [\d.]+ s \([\d,]+ samples/s\); last epoch loss [\d.]+, "
                      r"eval loss [\d.]+$", proc.stdout, re.M)
 

@@ -136,7 +136,8 @@ class Trainer:
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
         with ray_session(config.address, metadata) as session:
-            self._say(f"Ray at {session.gcs_address}" + (f", dashboard {session.dashboard_url}" if session.dashboard_url else ""))
+            self._say(f"Run {run_name}: Ray at {session.gcs_address}"
+                      + (f", dashboard http://{session.dashboard_url}" if session.dashboard_url else ""))
             with replica_group(
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                 init_state=ray.put(init_state), train_set=ray.put(train_set),
@@ -325,7 +326,7 @@ class Trainer:
         every = self.config.log_every
         for offset in range(len(sizes_per_step)):
             done_steps = first_step + offset + 1
-            if every and done_steps % every == 0:
+            if every and (done_steps % every == 0 or done_steps == 1):  # the first step too: where the curve starts
                 self._event({"event": "step", "epoch": at.epoch, "step": done_steps,
                              "loss": at.losses[before + offset], "samples_per_s": rate})
         progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)
