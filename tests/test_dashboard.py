@@ -160,3 +160,38 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
         for pid in left:
             os.kill(pid, signal.SIGKILL)
     assert not left, f"processes of the cluster in {temp_dir} left running: {left}"
+
+
+def test_the_grafana_dashboard_queries_only_metrics_raytorch_exports():
+    """docs/grafana/raytorch.json: every series it reads is one telemetry.py defines, as Prometheus
+    names it (Ray's `ray_` prefix; `_total` on counters; `_bucket` on histograms)."""
+    import ray.util.metrics as ray_metrics
+
+    from raytorch import telemetry
+
+    made = {}
+    real = {kind: getattr(ray_metrics, kind) for kind in ("Gauge", "Counter", "Histogram")}
+
+    def recorder(kind):
+        def build(name, *args, **kwargs):
+            made[name] = kind
+            return real[kind](name, *args, **kwargs)
+        return build
+
+    try:
+        for kind in real:
+            setattr(ray_metrics, kind, recorder(kind))
+        telemetry.RunMetrics("r").close()
+        telemetry.ReplicaMetrics("r", "replica-0")
+    finally:
+        for kind, cls in real.items():
+            setattr(ray_metrics, kind, cls)
+    suffix = {"Gauge": [""], "Counter": ["_total"], "Histogram": ["_bucket", "_sum", "_count"]}
+    exported = {f"ray_{name}{end}" for name, kind in made.items() for end in suffix[kind]}
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "raytorch.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries.append(next(v for v in dashboard["templating"]["list"] if v["name"] == "run")["definition"])
+    used = {name for q in queries for name in re.findall(r"\bray_raytorch_\w+", q)}
+    assert used and used <= exported, used - exported
+    assert {"ray_raytorch_train_loss", "ray_raytorch_eval_loss", "ray_raytorch_replica_restarts_total",
+            "ray_raytorch_step_seconds_bucket", "ray_raytorch_allreduce_seconds_bucket"} <= used
