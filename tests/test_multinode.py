@@ -83,29 +83,27 @@ def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_tr
     spread, pack = (next(r for r in runs if r["placement"] == p) for p in ("spread", "pack"))
     assert len(set(spread["replica_nodes"])) == 3
     assert len(set(pack["replica_nodes"])) == 2
-    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
     for run in (spread, pack):
         assert set(run["replica_nodes"]) <= set(run["worker_nodes"])  # none on the CPU-less head
         assert run["wires"] == ["object_store"]  # auto: replicas on several nodes share no memory
-        assert len(run["digests"]) == 1
-        trained = MODEL()
-        shapes = trained.state_dict()
-        trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
-        assert_same_parameters(trained, expected)
-        assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
+        assert_trained_what_one_process_trains(run)
+
+
+def assert_trained_what_one_process_trains(run: dict) -> None:
+    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
+    assert len(run["digests"]) == 1
+    trained = MODEL()
+    shapes = trained.state_dict()
+    trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
+    assert_same_parameters(trained, expected)
+    assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
 
 
 def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewer():
     replaced, shrunk = run_job("--nodes", "3", "--cpus-per-node", "1", "--node-loss")
-    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
     for run in (replaced, shrunk):
         assert run["removed_node"] in run["replica_nodes"]
-        assert len(run["digests"]) == 1
-        trained = MODEL()
-        shapes = trained.state_dict()
-        trained.load_state_dict({name: torch.tensor(v).view_as(shapes[name]) for name, v in run["params"].items()})
-        assert_same_parameters(trained, expected)
-        assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
+        assert_trained_what_one_process_trains(run)
     [restart] = replaced["restarts"]
     assert restart["replicas"] == ["replica-1"] and restart["replaced"] == ["replica-1"] and restart["workers"] == 2
     [restart] = shrunk["restarts"]
