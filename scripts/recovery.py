@@ -27,11 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks"), str(ROOT / "src")]
 
-FAULTS = {  # name: (reduction, how to hurt the process, step_timeout)
-    "SIGKILL, shared-memory wire": ("shared_memory", "sigkill", 300.0),
-    "SIGKILL, object-store wire": ("object_store", "sigkill", 300.0),
-    "ray.kill": ("shared_memory", "ray_kill", 300.0),
-    "SIGSTOP (hang), step_timeout 5 s": ("shared_memory", "sigstop", 5.0),
+FAULTS = {  # name: (reduction, how to hurt the process, step_timeout, spares)
+    "SIGKILL, shared-memory wire": ("shared_memory", "sigkill", 300.0, 0),
+    "SIGKILL, object-store wire": ("object_store", "sigkill", 300.0, 0),
+    "ray.kill": ("shared_memory", "ray_kill", 300.0, 0),
+    "SIGSTOP (hang), step_timeout 5 s": ("shared_memory", "sigstop", 5.0, 0),
+    "SIGKILL, shared-memory wire, 1 spare": ("shared_memory", "sigkill", 300.0, 1),
 }
 
 
@@ -51,8 +52,8 @@ def main() -> int:
     os.environ["RAY_AUTH_MODE"] = "token"  # the state API reads the token
     rows = []
     for workload in args.workloads.split(","):
-        for fault, (reduction, how, step_timeout) in FAULTS.items():
-            row = measure(workload, reduction, how, step_timeout)
+        for fault, (reduction, how, step_timeout, spares) in FAULTS.items():
+            row = measure(workload, reduction, how, step_timeout, spares)
             rows.append({"workload": workload, "fault": fault, **row})
             print(f"{workload:7s} {fault:34s} detected {row['detect_s']:6.2f} s, recovered {row['recovery_s']:6.2f} s "
                   f"after, at step {row['step']}, replicas equal: {row['equal']}", flush=True)
@@ -61,7 +62,7 @@ def main() -> int:
     return 0
 
 
-def measure(workload_name: str, reduction: str, how: str, step_timeout: float) -> dict:
+def measure(workload_name: str, reduction: str, how: str, step_timeout: float, spares: int) -> dict:
     import ray
     from ray.util.state import list_actors
 
@@ -79,6 +80,9 @@ def measure(workload_name: str, reduction: str, how: str, step_timeout: float) -
             time.sleep(0.01)
         [actor] = [a for a in list_actors(filters=[("name", "=", "replica-1"), ("state", "=", "ALIVE")])
                    if a.pid in pids]
+        while spares and not list_actors(filters=[("ray_namespace", "=", actor.ray_namespace),
+                                                  ("name", "=", "spare-2"), ("state", "=", "ALIVE")]):
+            time.sleep(0.05)  # the spare is still being built
         injected["at"] = time.time()
         if how == "ray_kill":
             ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace))
@@ -88,7 +92,7 @@ def measure(workload_name: str, reduction: str, how: str, step_timeout: float) -
 
     steps = 40
     config = TrainConfig(workers=2, epochs=1, batch_size=workload.batch_size, lr=workload.lr, optimizer="adam",
-                         reduction=reduction, step_timeout=step_timeout)
+                         reduction=reduction, step_timeout=step_timeout, spares=spares)
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
     result = Trainer(config, model_fn=partial(gated, workload.model_fn, str(gate), steps // 2),

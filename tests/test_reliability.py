@@ -56,18 +56,27 @@ def replica_process(name, reached_pids):
     return actors[0]
 
 
-def inject(folder: Path, workers: int, fault, name="replica-1"):
-    """Once every replica waits at the gate, apply `fault` to replica `name`, then open the gate."""
+def inject(folder: Path, workers: int, fault, name="replica-1", spares=0):
+    """Once every replica waits at the gate (and the spares are built), apply `fault` to replica
+    `name`, then open the gate."""
 
     def run():
+        from ray.util.state import list_actors
+
         reached = lambda: {int(p.name.split("-")[1]) for p in folder.glob("reached-*")}  # noqa: E731
         wait_for(lambda: len(reached()) >= workers, "the replicas to reach the gate")
+        wait_for(lambda: spares == len([a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                                        if a.name.startswith("spare-") and a.pid in alive_pids()]), "the spares")
         fault(replica_process(name, reached()))
         (folder / "hold").unlink()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def alive_pids():
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
 
 
 def sigkill(actor):
@@ -93,22 +102,25 @@ def gated_run(tmp_path, at=40, **config):
     return folder, trainer
 
 
-@pytest.mark.parametrize("reduction, fault, cause", [
-    ("shared_memory", sigkill, "ActorDiedError"),
-    ("object_store", sigkill, "ActorDiedError"),
-    ("shared_memory", ray_kill, "ActorDiedError"),
-    ("shared_memory", sigstop, "hang"),
+@pytest.mark.parametrize("reduction, fault, cause, spares", [
+    ("shared_memory", sigkill, "ActorDiedError", 0),
+    ("object_store", sigkill, "ActorDiedError", 0),
+    ("shared_memory", ray_kill, "ActorDiedError", 0),
+    ("shared_memory", sigstop, "hang", 0),
+    ("shared_memory", sigkill, "ActorDiedError", 1),
 ])
-def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys, reduction, fault, cause):
-    folder, trainer = gated_run(tmp_path, workers=2, reduction=reduction, step_timeout=2.0,
+def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys, reduction, fault, cause,
+                                                             spares):
+    folder, trainer = gated_run(tmp_path, workers=2, reduction=reduction, step_timeout=2.0, spares=spares,
                                 output_dir=str(tmp_path / "run"))
-    injector = inject(folder, 2, fault)
+    injector = inject(folder, 2, fault, spares=spares)
     result = trainer.fit()
     injector.join()
     assert_matches_reference(result)
     [restart] = result.restarts
     assert restart["replicas"] == ["replica-1"] and restart["cause"] == cause
     assert restart["replaced"] == ["replica-1"] and restart["workers"] == 2
+    assert restart["spares_used"] == ["spare-2"] * spares  # the spare sits in bundle 2
     assert 38 <= restart["step"] < 60  # hit in epoch 1: the gate holds replicas at step 39 (ray.kill lands a little later)
     assert restart["recovery_s"] > 0
     out = capsys.readouterr().out

@@ -100,6 +100,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep in output_dir/checkpoints."""
 
+    spares: int = 0
+    """Idle replicas started with the run, each reserving what a replica does, that take a lost replica's place at once: recovery without a new process's start (seconds here). A used spare is replaced in the background."""
+
     replace_timeout: float = 60.0
     """Seconds to wait for a lost replica's replacement to start; after that the run goes on with fewer replicas (the result does not depend on their number)."""
 
@@ -152,6 +155,8 @@ class TrainConfig:
                 raise ConfigError("tensorboard", "needs the tensorboard package: pip install 'raytorch[tensorboard]'") from e
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+        if self.spares < 0:
+            raise ConfigError("spares", f"must be >= 0, got {self.spares}")
         if not 1 <= self.min_workers <= self.workers:
             raise ConfigError("min_workers", f"must be between 1 and workers={self.workers}, got {self.min_workers}")
         for name in ("replace_timeout", "step_timeout"):

@@ -367,7 +367,7 @@ class Trainer:
                 source = survivors[positions.index(step)]
                 snapshot = source.snapshot.remote(at.epoch * steps + len(at.losses))
                 behind = [a for a, p in zip(survivors, positions) if p < step]
-                replaced, dropped = group.replace(gone)
+                replaced, dropped, spares_used = group.replace(gone)
                 fresh = [a for a in group.actors if a not in survivors]
                 group.get([a.restore.remote(snapshot) for a in behind + fresh])
                 group.rewire()
@@ -378,6 +378,7 @@ class Trainer:
             raise ReplicaError(f"replicas kept failing while recovering ({lost}); {self._kept()}") from lost
         record = {"event": "replica_lost", "detected_at": detected_at, "step": step, "replicas": names, "cause": kind, "replaced":
                   [f"replica-{r}" for r in replaced], "dropped": [f"replica-{r}" for r in dropped],
+                  "spares_used": spares_used,
                   "workers": len(group.actors)}
         at.restarts.append(record)
         self._metrics.restarted(len(names))
@@ -398,7 +399,8 @@ class Trainer:
                                f"checkpoint {path}; resume with --resume {config.output_dir}" if path else
                                f"{len(group.actors)} replicas left, fewer than min_workers={config.min_workers} "
                                f"(set output_dir to keep a checkpoint)") from lost
-        self._say(f"replaced {', '.join(record['replaced']) or 'none'}; every replica at step {step}: "
+        by_spare = f" (by {', '.join(spares_used)}, started ahead)" if spares_used else ""
+        self._say(f"replaced {', '.join(record['replaced']) or 'none'}{by_spare}; every replica at step {step}: "
                   f"redoing it on {len(group.actors)} replicas")
         self._recovering = (record, detected)
 

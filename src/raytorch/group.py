@@ -29,23 +29,30 @@ class ReplicaLost(ReplicaError):
 
 
 class ReplicaGroup:
-    """The replicas in wire order (position p holds `actors[p]`, named replica-`ranks[p]`, in
-    placement bundle `ranks[p]`), and how gradients travel between them."""
+    """The replicas in wire order (position p holds `actors[p]`, replica-`ranks[p]`, in placement
+    bundle `bundles[p]`), the idle spares, and how gradients travel between the replicas."""
 
     def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
         self.config, self.run_name, self.replica_args = config, run_name, replica_args
         self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
-        self.placement = reserve(config.workers, replica_resources(config), config.placement, config.resource_timeout)
+        self.placement = reserve(config.workers + config.spares, replica_resources(config), config.placement,
+                                 config.resource_timeout)
         self.actors: list = []
         self.ranks: list[int] = []
+        self.bundles: list[int] = []
         self.infos: list[dict] = []
+        self.spares: list[tuple] = []  # (actor, its ready() ref, its bundle, its name), oldest first
         self.wire = "object_store"
         self.generation = 0  # bumped by every change of membership: fresh shared-memory names
 
     def start(self) -> list[dict]:
-        """Start every replica and wait until each is built; returns what each reported."""
-        self.actors = [self._create(rank) for rank in range(self.config.workers)]
-        self.ranks = list(range(self.config.workers))
+        """Start every replica and wait until each is built; returns what each reported. Spares
+        start beside them and are used once built."""
+        workers = self.config.workers
+        self.actors = [self._create(rank, rank, f"replica-{rank}") for rank in range(workers)]
+        self.ranks, self.bundles = list(range(workers)), list(range(workers))
+        for bundle in range(workers, workers + self.config.spares):
+            self._add_spare(bundle)
         self.infos = gather(self.actors, [a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         self.rewire()
         return self.described()
@@ -53,14 +60,33 @@ class ReplicaGroup:
     def described(self) -> list[dict]:
         return [dict(info, wire=self.wire) for info in self.infos]
 
-    def _create(self, rank: int):
+    def _create(self, rank: int, bundle: int, name: str):
         return self.actor_class.options(
             num_cpus=self.config.cpus_per_replica,
             num_gpus=self.config.replica_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-            name=f"replica-{rank}" + (f".{self.generation}" if self.generation else ""),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle),
+            name=name,
             namespace=self.run_name,
         ).remote(rank, self.config, run_name=self.run_name, **self.replica_args)
+
+    def _add_spare(self, bundle: int) -> None:
+        name = f"spare-{bundle}" + (f".{self.generation}" if self.generation else "")
+        actor = self._create(bundle, bundle, name)
+        self.spares.append((actor, actor.ready.remote(), bundle, name))
+
+    def _take_spare(self, rank: int):
+        """A built spare, now replica `rank`: (actor, info, bundle, name); None if none is ready."""
+        for spare in list(self.spares):
+            actor, ready_ref, bundle, name = spare
+            if not ray.wait([ready_ref], timeout=0)[0]:
+                continue  # still starting
+            self.spares.remove(spare)
+            try:
+                ray.get(actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
+                return actor, dict(ray.get(ready_ref), rank=rank), bundle, name
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                ray.kill(actor, no_restart=True)  # lost with its node, or broken: try the next
+        return None
 
     def rewire(self) -> None:
         """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
@@ -128,18 +154,30 @@ class ReplicaGroup:
             if other != position:
                 actor.abandon.remote(position)
 
-    def replace(self, lost: list[int]) -> tuple[list[int], list[int]]:
-        """Start a replacement in the bundle of each lost position (Ray re-places a bundle whose node
-        died, where it finds room); give each replace_timeout. Returns the ranks replaced and the
-        ranks dropped; the group then holds the survivors and the replacements, by rank."""
+    def replace(self, lost: list[int]) -> tuple[list[int], list[int], list[str]]:
+        """Put a ready spare in the place of each lost position, or else start a replacement in its
+        bundle (Ray re-places a bundle whose node died, where it finds room) and give it
+        replace_timeout; a spare's freed bundle gets a new spare, started in the background.
+        Returns the ranks replaced, the ranks dropped and the spares used; the group then holds
+        the survivors and the replacements, by rank."""
         self.generation += 1
-        started = {self.ranks[p]: self._create(self.ranks[p]) for p in lost}
-        ready_refs = {rank: actor.ready.remote() for rank, actor in started.items()}
+        members = {rank: (actor, info, bundle) for p, (rank, actor, info, bundle)
+                   in enumerate(zip(self.ranks, self.actors, self.infos, self.bundles)) if p not in lost}
+        replaced, dropped, spares_used, started = [], [], [], {}
+        for p in lost:
+            rank, bundle = self.ranks[p], self.bundles[p]
+            spare = self._take_spare(rank)
+            if spare is not None:
+                actor, info, spare_bundle, name = spare
+                members[rank] = (actor, info, spare_bundle)
+                replaced.append(rank)
+                spares_used.append(name)
+                self._add_spare(bundle)
+            else:
+                started[rank] = (self._create(rank, bundle, f"replica-{rank}.{self.generation}"), bundle)
+        ready_refs = {rank: actor.ready.remote() for rank, (actor, _) in started.items()}
         ready, _ = ray.wait(list(ready_refs.values()), num_returns=len(ready_refs),
                             timeout=self.config.replace_timeout)
-        members = {rank: (actor, info) for p, (rank, actor, info)
-                   in enumerate(zip(self.ranks, self.actors, self.infos)) if p not in lost}
-        replaced, dropped = [], []
         for rank, ref in ready_refs.items():
             info = None
             if ref in ready:
@@ -147,19 +185,21 @@ class ReplicaGroup:
                     info = ray.get(ref)
                 except RayActorError:
                     pass
+            actor, bundle = started[rank]
             if info is None:
-                ray.kill(started[rank], no_restart=True)
+                ray.kill(actor, no_restart=True)
                 dropped.append(rank)
             else:
-                members[rank] = (started[rank], info)
+                members[rank] = (actor, info, bundle)
                 replaced.append(rank)
         self.ranks = sorted(members)
         self.actors = [members[rank][0] for rank in self.ranks]
         self.infos = [members[rank][1] for rank in self.ranks]
-        return replaced, dropped
+        self.bundles = [members[rank][2] for rank in self.ranks]
+        return sorted(replaced), dropped, spares_used
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors + [spare[0] for spare in self.spares]:
             ray.kill(actor)
         remove_placement_group(self.placement)
 

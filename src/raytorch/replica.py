@@ -195,6 +195,12 @@ class Replica:
                                      step=self.steps)
         return self.wire.paths
 
+    def adopt(self, rank: int) -> None:
+        """A spare takes the place of replica `rank` (its state comes next, by restore)."""
+        self.rank = rank
+        if self.metrics:
+            self.metrics = ReplicaMetrics(self.run_name, f"replica-{rank}")
+
     def use_object_store(self) -> None:
         """Hand gradients over as Ray objects (replicas on several nodes)."""
         self.wire = ObjectStoreWire()
