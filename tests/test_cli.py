@@ -89,9 +89,10 @@ def test_more_workers_than_the_cluster_holds(ray_local):
     assert result.steps == 2
 
 
-def test_more_gpus_than_the_cluster_holds(ray_local):
+def test_cuda_on_a_cluster_without_gpus(ray_local):
     config = TrainConfig(workers=2, batch_size=2, device="cuda")
-    with pytest.raises(ClusterError, match="1 CPU, 1 GPU each cannot fit"):
+    with pytest.raises(ClusterError, match=r"device 'cuda' asked for, but the cluster has no GPU \(4 CPU, 0 GPU\): "
+                                           r"use --device cpu \(or auto\)"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
 
 

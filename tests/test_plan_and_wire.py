@@ -15,7 +15,8 @@ def test_plan_carries_each_steps_reduce_into_the_next_step():
     plans, sizes, carry = plan_steps(batches, workers=3, carry=None, wire="shared_memory", first_step=7)
     assert sizes == [[2, 2, 1], [2, 2, 1], [1, 1, 0]]
     assert [len(p) for p in plans] == [3, 3, 3]
-    assert plans[2][2][0].tolist() == []  # replica 2 sits out the short last step
+    assert plans[2][2][0].tolist() == [] and plans[2][2][2] == 0.0  # replica 2 sits out the short last step
+    assert plans[0][0][2] == pytest.approx(4 / 10)  # its share of the step's samples
     assert plans[0][0][1] is None  # nothing to apply before the first step
     weights, routes = plans[1][1][1]  # before step 8, replica 1 applies step 7's reduce
     assert weights == [0.4, 0.4, 0.2] and routes == [(0, 7), (1, 7), (2, 7)]

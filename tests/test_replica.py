@@ -36,7 +36,7 @@ def test_two_replicas_step_like_one_process():
     data = linear_data(6, seed=0)
     model_fn = lambda: torch.nn.Linear(1, 1)  # noqa: E731
     replicas = [_replica(r, config, model_fn, data) for r in range(2)]
-    results = [r.run([(np.arange(3 * i, 3 * i + 3), None)]) for i, r in enumerate(replicas)]
+    results = [r.run([(np.arange(3 * i, 3 * i + 3), None, 0.5)]) for i, r in enumerate(replicas)]
     grads = [(g.copy(), loss) for (g, loss), _ in results]  # a view of its buffer and its loss; Ray would copy
     for r in replicas:
         r.apply(([0.5, 0.5], [0, 1]), *grads)
@@ -62,7 +62,7 @@ def test_two_replicas_step_like_one_process():
 def test_replica_without_samples_returns_nothing():
     config = TrainConfig(workers=3, batch_size=3)
     replica = _replica(0, config, lambda: torch.nn.Linear(1, 1), linear_data(4, seed=0))
-    assert replica.run([(np.array([], dtype=np.int64), None)]) == (None, [None])
+    assert replica.run([(np.array([], dtype=np.int64), None, 0.0)]) == (None, [None])
 
 
 def test_evaluate_is_the_sample_mean_over_chunks():

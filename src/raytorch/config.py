@@ -16,7 +16,8 @@ from .errors import ConfigError
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["constant", "cosine"]
-DeviceName = Literal["cpu", "cuda"]
+DeviceName = Literal["cpu", "cuda", "auto"]
+PrecisionName = Literal["fp32", "bf16", "fp16"]
 ReductionName = Literal["auto", "shared_memory", "object_store"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
@@ -24,7 +25,7 @@ NonFiniteAction = Literal["stop", "skip"]
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
 RUN_DEFINING = ("epochs", "batch_size", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
-                "model", "dataset", "on_nonfinite")
+                "model", "dataset", "on_nonfinite", "precision")
 
 
 @dataclass(kw_only=True)
@@ -65,7 +66,10 @@ class TrainConfig:
     """Built-in dataset for the CLI: 'linear' (y = 2x + 1) or 'classification'."""
 
     device: DeviceName = "cpu"
-    """Where each replica computes: 'cpu', or 'cuda' (one GPU, or gpus_per_replica of one, each)."""
+    """Where each replica computes: 'cpu', 'cuda' (one GPU, or gpus_per_replica of one, each), or 'auto' (cuda where the cluster has GPUs, else cpu)."""
+
+    precision: PrecisionName = "fp32"
+    """Forward and loss under torch.autocast: 'fp32' (off), 'bf16', or 'fp16' with a loss scaler (torch.amp.GradScaler) whose skip-or-step decision every replica takes on the same all-reduced gradient, so replicas never diverge. Gradients and optimizer state stay fp32."""
 
     cpus_per_replica: float = 1.0
     """CPUs Ray reserves for each replica; torch's intra-op threads follow it (at least 1)."""
@@ -138,7 +142,7 @@ class TrainConfig:
         gpus = self.gpus_per_replica
         if gpus is not None and self.device == "cpu" and gpus:
             raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
-        if gpus is not None and self.device == "cuda" and (gpus <= 0 or (gpus > 1 and gpus % 1)):
+        if gpus is not None and self.device != "cpu" and (gpus <= 0 or (gpus > 1 and gpus % 1)):
             raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {self.checkpoint_every}")
@@ -181,9 +185,11 @@ class TrainConfig:
     @property
     def replica_gpus(self) -> float:
         """GPUs each replica reserves."""
-        if self.gpus_per_replica is not None:
-            return self.gpus_per_replica
-        return 1.0 if self.device == "cuda" else 0.0
+        if self.device == "auto":
+            raise ValueError("device 'auto' is resolved against the cluster first (see device.resolve_device)")
+        if self.device == "cpu":
+            return 0.0
+        return 1.0 if self.gpus_per_replica is None else self.gpus_per_replica
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

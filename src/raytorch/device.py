@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from contextlib import nullcontext
 
 import torch
 
 from .config import TrainConfig
+from .errors import ClusterError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(config: TrainConfig, cluster: dict[str, float]) -> TrainConfig:
+    """The config with device 'auto' made 'cuda' or 'cpu' by what the cluster has (Ray's
+    cluster_resources()); a ClusterError where 'cuda' is asked of a cluster without a GPU."""
+    gpus = cluster.get("GPU", 0.0)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ClusterError(f"device 'cuda' asked for, but the cluster has no GPU ({cluster.get('CPU', 0):g} CPU, "
+                           f"0 GPU): use --device cpu (or auto), or add GPU nodes")
+    return config if device == config.device else dataclasses.replace(config, device=device)
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward's precision context: torch.autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def replica_device(name: str) -> torch.device:

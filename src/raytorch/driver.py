@@ -24,6 +24,7 @@ from . import checkpoint
 from .cluster import ray_session
 from .config import RUN_DEFINING, TrainConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, ReplicaError
+from .device import resolve_device
 from .group import ReplicaGroup, ReplicaLost, replica_group
 from .plan import plan_steps, steps_per_call
 from .reduce import weighted_mean
@@ -138,6 +139,10 @@ class Trainer:
         with ray_session(config.address, metadata) as session:
             self._say(f"Run {run_name}: Ray at {session.gcs_address}"
                       + (f", dashboard http://{session.dashboard_url}" if session.dashboard_url else ""))
+            resolved = resolve_device(config, ray.cluster_resources())
+            if resolved is not config:
+                self._say(f"device auto: {resolved.device}")
+                self.config = config = resolved
             with replica_group(
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                 init_state=ray.put(init_state), train_set=ray.put(train_set),
@@ -424,7 +429,7 @@ class Trainer:
         index = snapshot["steps"] - at.epoch * self._steps_per_epoch
         payload = {
             "model": snapshot["model"], "optimizer": snapshot["optimizer"], "schedule": snapshot["schedule"],
-            "rng": snapshot["rng"], "epoch": at.epoch, "index": index,
+            "rng": snapshot["rng"], "scaler": snapshot["scaler"], "epoch": at.epoch, "index": index,
             "losses": torch.tensor(at.losses[:index], dtype=torch.float64),
             "counts": torch.tensor(at.counts[:index], dtype=torch.int64),
             "epoch_losses": list(at.epoch_losses), "eval_losses": list(at.eval_losses),
@@ -452,7 +457,7 @@ class Trainer:
     def _restore(self, group: ReplicaGroup, saved: dict) -> Position:
         """Load every replica with the checkpoint's state; the run goes on from its position."""
         snapshot = ray.put({"model": saved["model"], "optimizer": saved["optimizer"], "schedule": saved["schedule"],
-                            "rng": saved["rng"], "steps": saved["step"]})
+                            "rng": saved["rng"], "scaler": saved.get("scaler"), "steps": saved["step"]})
         group.get([a.restore.remote(snapshot) for a in group.actors])
         group.rewire()  # the shared-memory step counters start at the restored step
         self._say(f"resumed from {self._last_checkpoint}: epoch {saved['epoch']}, step {saved['step']}")

@@ -18,7 +18,7 @@ from .reduce import batch_weights
 from .sharding import split_batch
 
 Reduce = tuple[list[float], list]
-Step = tuple[np.ndarray, Optional[Reduce]]
+Step = tuple[np.ndarray, Optional[Reduce], float]  # this replica's samples, the reduce before, its share n_r / n
 
 
 def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Reduce], wire: str,
@@ -36,7 +36,7 @@ def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Re
         parts = split_batch(batch, workers)
         sizes = [len(p) for p in parts]
         for plan, part in zip(plans, parts):
-            plan.append((part.numpy(), carry))
+            plan.append((part.numpy(), carry, len(part) / len(batch)))
         active = [r for r, n in enumerate(sizes) if n]
         routes = list(range(len(active))) if wire == "object_store" else [(r, first_step + offset) for r in active]
         carry = (batch_weights([sizes[r] for r in active]), routes)

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from collections import deque
 from typing import Callable
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import fetch
-from .device import replica_device, torch_threads
+from .device import autocast, replica_device, torch_threads
 from .errors import NonFiniteError, PeerError, ReplicaError
 from .optim import make_optimizer, make_schedule
 from .reduce import weighted_sum
@@ -102,7 +103,14 @@ class Replica:
         self.host_grad = self.flat_grad if self.device.type == "cpu" else torch.empty_like(self.flat_grad, device="cpu")
         self.wire = ObjectStoreWire()
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.precision = config.precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        if self.scaler is not None:
+            self.scaler.scale(torch.ones((), device=self.device))  # creates its scale now: a replica may sit out step 0
         self.schedule = make_schedule(config.schedule, self.optimizer, total_steps)
+        # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
+        # PyTorch's warning about a schedule step without an optimizer step does not apply.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     def __repr__(self) -> str:
         # Ray calls this even for an actor whose __init__ failed half way.
@@ -126,11 +134,11 @@ class Replica:
         """
         handoff, losses = None, []
         reducing, applied = 0.0, 0
-        for indices, reduce in plan:
+        for indices, reduce, share in plan:
             if reduce is not None:
                 reducing += self._apply(reduce, grads)
                 applied += 1
-            handoff, loss = self._compute(indices)
+            handoff, loss = self._compute(indices, share)
             losses.append(loss)
         if self.metrics and applied:
             self.metrics.allreduced(reducing / applied)
@@ -142,14 +150,21 @@ class Replica:
         self._apply(reduce, grads)
         return self.steps
 
-    def _compute(self, indices: np.ndarray):
+    def _compute(self, indices: np.ndarray, share: float):
         if len(indices) == 0:
             return None, None
         self.computing_since = time.monotonic()
         x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, indices))
         self.flat_grad.zero_()
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
+        with autocast(self.device, self.precision):
+            loss = self.loss_fn(self.model(x), y)
+        if self.scaler is None:
+            loss.backward()
+        else:
+            # fp16: backward of this replica's part of the global mean loss, times the loss scale, so
+            # its fp16 gradients have the magnitudes one process's would (and overflow alike); the
+            # all-reduce is then a plain sum, unscaled by the scaler (see _apply)
+            (self.scaler.scale(loss) * share).backward()
         value = self._checked(loss.item())
         self.computing_since = None
         # self.steps counts applied updates: the gradient computed now belongs to step self.steps
@@ -160,8 +175,10 @@ class Replica:
         NonFiniteError instead with on_nonfinite 'stop'."""
         # One reduction over the gradient: NaN and inf propagate through a sum (it also flags a
         # gradient whose sum overflows float32: a run that far gone has diverged anyway).
+        # With fp16 an overflowing gradient is the loss scaler's business: it skips that step.
         what = (f"loss {loss}" if not math.isfinite(loss)
-                else None if torch.isfinite(self.flat_grad.sum()) else "gradient with NaN or inf")
+                else None if self.scaler is not None or torch.isfinite(self.flat_grad.sum())
+                else "gradient with NaN or inf")
         if what is None:
             return loss
         if self.on_nonfinite == "stop":
@@ -175,14 +192,20 @@ class Replica:
         items = [grads[route] if isinstance(route, int) else route for route in routes]
         parts = [self.wire.read(item) for item in items]
         loss = sum(w * part_loss for w, (_, part_loss) in zip(weights, parts))
-        weighted_sum([grad for grad, _ in parts], weights, out=self.host_grad)
+        # fp16 gradients arrive weighted by their share already (see _compute): sum them
+        summed = [1.0] * len(weights) if self.scaler is not None else weights
+        weighted_sum([grad for grad, _ in parts], summed, out=self.host_grad)
         reduced = time.perf_counter() - started
         self.wire.applied(self.steps)
         self.loss_log.append((self.steps, loss))
         if math.isfinite(loss):  # the same test on the same numbers: every replica decides alike
             if self.host_grad is not self.flat_grad:
                 self.flat_grad.copy_(self.host_grad, non_blocking=True)
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # unscale, step unless the (same, everywhere) reduced gradient overflowed, adapt the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         # else on_nonfinite 'skip' (a 'stop' raised in _compute): drop the update, keep the schedule
         self.schedule.step()
         self.steps += 1
@@ -249,6 +272,7 @@ class Replica:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "steps": self.steps,
             "losses": {step: loss for step, loss in self.loss_log if step >= losses_since},
         }
@@ -260,6 +284,8 @@ class Replica:
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.schedule.load_state_dict(snapshot["schedule"])
         torch.set_rng_state(snapshot["rng"])
+        if self.scaler is not None and snapshot.get("scaler"):
+            self.scaler.load_state_dict(snapshot["scaler"])
         self.steps = snapshot["steps"]
         self.loss_log.clear()
         return self.steps
