@@ -20,7 +20,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, image_data  # noqa: E402
