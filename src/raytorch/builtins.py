@@ -40,6 +40,19 @@ def classification_data(size: int, seed: int, features: int = 16, classes: int =
     return ArrayDataset(x, (x @ teacher).argmax(axis=1).astype(np.int64))
 
 
+def digits_data(part: str) -> ArrayDataset:
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes; shipped inside scikit-learn,
+    no download), pixels scaled to [0, 1], flattened to 64 features; a fixed 80/20 split: 'train'
+    1,437 images, 'eval' 360."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(20240601).permutation(len(digits.target))
+    cut = int(0.8 * len(order))
+    chosen = order[:cut] if part == "train" else order[cut:]
+    return ArrayDataset((digits.data[chosen] / 16.0).astype(np.float32), digits.target[chosen].astype(np.int64))
+
+
 @dataclass(frozen=True)
 class Task:
     """A built-in dataset with the loss and the input/output widths that fit it."""
@@ -61,6 +74,13 @@ DATASETS: dict[str, Task] = {
         loss=F.mse_loss,
         in_features=1,
         out_features=1,
+    ),
+    "digits": Task(
+        train=lambda seed: digits_data("train"),
+        eval=lambda seed: digits_data("eval"),
+        loss=F.cross_entropy,
+        in_features=64,
+        out_features=10,
     ),
     "classification": Task(
         train=lambda seed: classification_data(4_096, seed),

@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 import sys
 import typing
-from functools import partial
 from typing import Optional, Sequence
+
+import yaml
 
 from .config import TrainConfig, field_choices, field_docs
 from .errors import ConfigError, RaytorchError
@@ -54,13 +55,13 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 def train(argv: Sequence[str]) -> int:
     try:
         config, options = parse_args(argv)
-        from . import builtins
+        from .resolve import training
+
+        what = training(config)  # your model, data and loss imported here: a bad path fails before Ray starts
         from .driver import Trainer  # imports Ray: after the config, so bad flags fail fast
 
-        task = builtins.DATASETS[config.dataset]
-        model_fn = partial(builtins.MODELS[config.model], task.in_features, task.out_features)
-        Trainer(config, model_fn=model_fn, loss_fn=task.loss, dataset_fn=partial(task.train, config.seed),
-                eval_dataset_fn=partial(task.eval, config.seed), **options).fit()
+        Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
+                eval_dataset_fn=what.eval_dataset_fn, **options).fit()
     except ConfigError as e:
         print(f"raytorch: error: {e}", file=sys.stderr)
         return 2
@@ -73,15 +74,32 @@ def train(argv: Sequence[str]) -> int:
     return 0
 
 
+def show_config(argv: Sequence[str]) -> int:
+    """`raytorch config show [flags]`: the resolved config (file, then flags, then defaults) as YAML."""
+    try:
+        config, _ = parse_args(argv)
+    except ConfigError as e:
+        print(f"raytorch: error: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+USAGE = ("usage: raytorch train [flags]        train (raytorch train --help lists the flags)\n"
+         "       raytorch config show [flags]  print the config those flags resolve to, as YAML")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: raytorch train [flags]   (raytorch train --help lists them)")
+        print(USAGE)
         return 0 if argv else 2
-    if argv[0] != "train":
-        print(f"raytorch: error: unknown command {argv[0]!r}; the command is `raytorch train`", file=sys.stderr)
-        return 2
-    return train(argv[1:])
+    if argv[0] == "train":
+        return train(argv[1:])
+    if argv[:2] == ["config", "show"]:
+        return show_config(argv[2:])
+    print(f"raytorch: error: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

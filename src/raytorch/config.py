@@ -25,7 +25,7 @@ NonFiniteAction = Literal["stop", "skip"]
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
 RUN_DEFINING = ("epochs", "batch_size", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
-                "model", "dataset", "on_nonfinite", "precision")
+                "model", "dataset", "loss", "on_nonfinite", "precision")
 
 
 @dataclass(kw_only=True)
@@ -60,10 +60,13 @@ class TrainConfig:
     """Drop the last, partial global batch of each epoch."""
 
     model: str = "linear"
-    """Built-in model for the CLI: 'linear' or 'mlp' (the Python API takes model_fn instead)."""
+    """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module). The Python API takes model_fn instead."""
 
     dataset: str = "linear"
-    """Built-in dataset for the CLI: 'linear' (y = 2x + 1) or 'classification'."""
+    """Dataset for the CLI: built-in 'linear' (y = 2x + 1), 'classification' (16 features, 4 classes) or 'digits' (scikit-learn's 8x8 handwritten digits, 1,437 train / 360 eval), or your own as pkg.module:factory (returning a Dataset, or a (train, eval) pair)."""
+
+    loss: Optional[str] = None
+    """Loss for the CLI: a torch.nn loss class name (CrossEntropyLoss, MSELoss, ...) or pkg.module:function(output, target); default: the built-in dataset's."""
 
     device: DeviceName = "cpu"
     """Where each replica computes: 'cpu', 'cuda' (one GPU, or gpus_per_replica of one, each), or 'auto' (cuda where the cluster has GPUs, else cpu)."""
@@ -172,8 +175,9 @@ class TrainConfig:
 
         for field, known in (("model", builtins.MODELS), ("dataset", builtins.DATASETS)):
             value = getattr(self, field)
-            if value not in known:
-                raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}")
+            if value not in known and ":" not in value:
+                raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}, "
+                                         f"or give your own as pkg.module:factory")
 
     @property
     def schedule(self) -> str:

@@ -65,6 +65,8 @@ class TrainResult:
     """Steps whose update was skipped for a non-finite loss or gradient (on_nonfinite 'skip')."""
     resumed_from: Optional[int] = None
     """The global step of the checkpoint this run resumed from, if any."""
+    eval_accuracies: list[float] = field(default_factory=list)
+    """For a classifier: the fraction of the eval set classified right after each epoch."""
 
     @property
     def eval_loss(self) -> Optional[float]:
@@ -81,6 +83,7 @@ class Position:
     counts: list[int] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
+    eval_accuracies: list[float] = field(default_factory=list)
     restarts: list[dict] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
@@ -200,12 +203,15 @@ class Trainer:
                 self._steps(group, at, batches, steps, progress)
                 epoch_time = time.perf_counter() - epoch_started
                 # evaluate: each replica scores a contiguous part of the eval set
-                eval_loss = None
+                eval_loss = accuracy = None
                 if eval_size:
                     eval_parts = split_batch(torch.arange(eval_size), len(group.actors))
                     scores = group.get([r.evaluate.remote(p.numpy(), config.batch_size)
                                         for r, p in zip(group.actors, eval_parts)])
-                    eval_loss = weighted_mean([s or 0.0 for s in scores], [len(p) for p in eval_parts])
+                    sizes = [len(p) for p in eval_parts]
+                    eval_loss = weighted_mean([loss or 0.0 for loss, _ in scores], sizes)
+                    if all(right is not None for (_, right), n in zip(scores, sizes) if n):
+                        accuracy = weighted_mean([right or 0.0 for _, right in scores], sizes)
                 state = group.get([group.actors[0].state.remote()])[0] if scalar_linear else None
             except ReplicaLost as lost:
                 # recover: replace the lost replicas, bring all to the most advanced survivor's step
@@ -215,14 +221,16 @@ class Trainer:
             # log: the seed's line, a metrics record, the dashboard's gauges
             running = at.running_loss()
             at.epoch_losses.append(math.nan if running is None else running)
-            self._metrics.set(train_loss=running, eval_loss=eval_loss)
+            self._metrics.set(train_loss=running, eval_loss=eval_loss, eval_accuracy=accuracy)
             epoch_times.append(epoch_time)
             if eval_loss is not None:
                 at.eval_losses.append(eval_loss)
-            self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss))
+            if accuracy is not None:
+                at.eval_accuracies.append(accuracy)
+            self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss, accuracy))
             if run_dir:
                 run_dir.log({"event": "epoch", "epoch": epoch, "loss": at.epoch_losses[-1], "eval_loss": eval_loss,
-                             "steps": (epoch + 1) * steps, "samples": (epoch + 1) * per_epoch,
+                             "eval_accuracy": accuracy, "steps": (epoch + 1) * steps, "samples": (epoch + 1) * per_epoch,
                              "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
             # checkpoint: the next epoch starts from here
             at.epoch, at.index = epoch + 1, 0
@@ -243,7 +251,8 @@ class Trainer:
         if len(set(digests)) != 1:
             self._say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
         state = group.get([group.actors[0].state.remote()])[0]
-        return dict(epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, steps=steps_done,
+        return dict(epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies,
+                    steps=steps_done,
                     samples=samples_done, wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
                     time_to_first_step_s=self._first_step_s, replica_memory=memory, state=state,
                     restarts=at.restarts, skipped_steps=at.skipped)
@@ -433,6 +442,7 @@ class Trainer:
             "losses": torch.tensor(at.losses[:index], dtype=torch.float64),
             "counts": torch.tensor(at.counts[:index], dtype=torch.int64),
             "epoch_losses": list(at.epoch_losses), "eval_losses": list(at.eval_losses),
+            "eval_accuracies": list(at.eval_accuracies),
             "restarts": json.dumps(at.restarts), "skipped": list(at.skipped),
             "config": self.config.to_dict(),
         }
@@ -462,7 +472,8 @@ class Trainer:
         group.rewire()  # the shared-memory step counters start at the restored step
         self._say(f"resumed from {self._last_checkpoint}: epoch {saved['epoch']}, step {saved['step']}")
         at = Position(epoch=saved["epoch"], index=saved["index"], epoch_losses=list(saved["epoch_losses"]),
-                      eval_losses=list(saved["eval_losses"]), restarts=json.loads(saved["restarts"]),
+                      eval_losses=list(saved["eval_losses"]), eval_accuracies=list(saved.get("eval_accuracies", [])),
+                      restarts=json.loads(saved["restarts"]),
                       skipped=list(saved["skipped"]))
         for loss, samples in zip(saved["losses"].tolist(), saved["counts"].tolist()):
             at.add(loss, samples)

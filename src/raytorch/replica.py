@@ -100,7 +100,12 @@ class Replica:
         self.train_set, self.eval_set = train_set, eval_set
         self.flat_grad = attach_flat_grad(self.model)
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
-        self.host_grad = self.flat_grad if self.device.type == "cpu" else torch.empty_like(self.flat_grad, device="cpu")
+        # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
+        # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
+        on_cpu = self.device.type == "cpu"
+        self.host_grad, self.staging = ((self.flat_grad, self.flat_grad) if on_cpu else
+                                        (torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True),
+                                         torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True)))
         self.wire = ObjectStoreWire()
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.precision = config.precision
@@ -167,8 +172,12 @@ class Replica:
             (self.scaler.scale(loss) * share).backward()
         value = self._checked(loss.item())
         self.computing_since = None
+        if self.staging is not self.flat_grad:
+            self.staging.copy_(self.flat_grad, non_blocking=True)
+            # also orders any earlier host-to-device copy of host_grad before it is written again
+            torch.cuda.current_stream(self.device).synchronize()
         # self.steps counts applied updates: the gradient computed now belongs to step self.steps
-        return self.wire.publish(self.flat_grad, self.steps, value), value
+        return self.wire.publish(self.staging, self.steps, value), value
 
     def _checked(self, loss: float) -> float:
         """The local loss; NaN when the gradient is not finite, so that peers see it too. Raises
@@ -239,19 +248,25 @@ class Replica:
         self.wire.unlink()
 
     @_reported
-    def evaluate(self, indices: np.ndarray, chunk: int) -> float | None:
-        """Mean loss over the eval samples at `indices`, in chunks of `chunk`; None if there are none."""
+    def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
+        """Mean loss over the eval samples at `indices`, in chunks of `chunk`, and, for a classifier
+        (outputs of shape (n, classes) against integer labels), the fraction classified right.
+        (None, None) where there are no samples."""
         if len(indices) == 0:
-            return None
+            return None, None
         self.model.eval()
-        total = 0.0
-        with torch.no_grad():
+        total, correct, classifier = 0.0, 0, True
+        with torch.no_grad(), autocast(self.device, self.precision):
             for start in range(0, len(indices), chunk):
                 part = indices[start:start + chunk]
                 x, y = (t.to(self.device) for t in fetch(self.eval_set, part))
-                total += self.loss_fn(self.model(x), y).item() * len(part)
+                output = self.model(x)
+                total += self.loss_fn(output, y).item() * len(part)
+                classifier = classifier and output.dim() == 2 and output.shape[1] > 1 and not y.is_floating_point()
+                if classifier:
+                    correct += (output.argmax(dim=1) == y).sum().item()
         self.model.train()
-        return total / len(indices)
+        return total / len(indices), (correct / len(indices) if classifier else None)
 
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
     def ping(self) -> dict:

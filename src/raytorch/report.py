@@ -22,14 +22,16 @@ def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def epoch_line(epoch: int, loss: float, state: Optional[Mapping[str, torch.Tensor]] = None,
-               eval_loss: Optional[float] = None) -> str:
-    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model, the eval loss for others."""
+               eval_loss: Optional[float] = None, accuracy: Optional[float] = None) -> str:
+    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model, the eval loss (and a
+    classifier's eval accuracy) for others."""
     line = f"Epoch {epoch}: loss={loss:.6f}"
     if state is not None and is_scalar_linear(state):
         values = {k.rsplit(".", 1)[-1]: t.item() for k, t in state.items()}
         return f"{line} (w={values['weight']:.3f}, b={values['bias']:.3f})"
     if eval_loss is not None:
-        return f"{line} (eval loss={eval_loss:.6f})"
+        right = f", accuracy={accuracy:.1%}" if accuracy is not None else ""
+        return f"{line} (eval loss={eval_loss:.6f}{right})"
     return line
 
 

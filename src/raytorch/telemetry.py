@@ -27,6 +27,7 @@ class RunMetrics:
             for name, description in (
                 ("train_loss", "Running mean train loss of the current epoch"),
                 ("eval_loss", "Eval loss after the last epoch"),
+                ("eval_accuracy", "Eval accuracy after the last epoch (classifiers)"),
                 ("epoch", "Epoch in progress"),
                 ("step", "Global steps done"),
                 ("samples_per_second", "Training samples per second over the current epoch"),
