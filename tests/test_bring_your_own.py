@@ -4,7 +4,6 @@ worked example."""
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
