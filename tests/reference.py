@@ -6,34 +6,53 @@ import torch
 
 
 def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr, optimizer,
-                    lr_schedule="constant", shuffle=True, drop_last=False, skip_nonfinite=False):
+                    lr_schedule="constant", shuffle=True, drop_last=False, skip_nonfinite=False,
+                    weight_decay=0.0, grad_clip=None, warmup_steps=0, max_steps=None):
     """skip_nonfinite: a step whose loss or gradient is NaN or inf leaves the weights as they are
     (the schedule still steps) and is left out of the epoch's mean loss."""
     torch.manual_seed(seed)
     model = model_fn()
     opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](
-        model.parameters(), lr=lr)
+        model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(dataset)
     x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)])
     y = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(n)])
     steps = n // batch_size if drop_last else (n + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps * epochs) if lr_schedule == "cosine" else None
+    total = min(steps * epochs, max_steps or steps * epochs)
+    main = max(1, total - warmup_steps)
+    # the schedule written out as a factor of lr per step, independently of raytorch's optim.py
+    def factor(k):
+        if k < warmup_steps:  # linear from 1/warmup_steps (step 0) towards 1 (step warmup_steps)
+            return 1 / warmup_steps + (1 - 1 / warmup_steps) * k / warmup_steps
+        k -= warmup_steps
+        if lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * k / main))
+        if lr_schedule == "step":
+            return 0.1 ** ((k >= main // 2) + (k >= 3 * main // 4))
+        return 1.0
+    done = 0
     losses = []
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
-        total, counted = 0.0, 0
+        total_loss, counted = 0.0, 0
         for k in range(steps):
+            if done == total:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr * factor(done)
+            done += 1
             idx = order[k * batch_size:(k + 1) * batch_size]
             opt.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             finite = math.isfinite(loss.item()) and all(p.grad.isfinite().all() for p in model.parameters())
             if finite or not skip_nonfinite:
                 opt.step()
-                total, counted = total + loss.item() * len(idx), counted + len(idx)
-            if sched:
-                sched.step()
-        losses.append(total / counted)
+                total_loss, counted = total_loss + loss.item() * len(idx), counted + len(idx)
+        if counted:
+            losses.append(total_loss / counted)
     return model, losses
 
 

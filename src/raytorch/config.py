@@ -15,7 +15,7 @@ import yaml
 from .errors import ConfigError
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-ScheduleName = Literal["constant", "cosine"]
+ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 ReductionName = Literal["auto", "shared_memory", "object_store"]
@@ -25,7 +25,8 @@ NonFiniteAction = Literal["stop", "skip"]
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
 RUN_DEFINING = ("epochs", "batch_size", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
-                "model", "dataset", "loss", "on_nonfinite", "precision")
+                "model", "dataset", "loss", "on_nonfinite", "precision", "warmup_steps", "weight_decay",
+                "grad_clip", "max_steps")
 
 
 @dataclass(kw_only=True)
@@ -48,7 +49,19 @@ class TrainConfig:
     """torch.optim optimizer, with its default hyper-parameters except lr."""
 
     lr_schedule: Optional[ScheduleName] = None
-    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'constant' keeps it. Default: cosine for adam/adamw (the default job's recipe), constant for sgd (the seed note's)."""
+    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'step' divides it by 10 at half and again at three quarters of the run; 'constant' keeps it. Default: cosine for adam/adamw (the default job's recipe), constant for sgd (the seed note's)."""
+
+    warmup_steps: int = 0
+    """Raise lr linearly from lr/N to lr over the first N steps, then follow lr_schedule over the rest."""
+
+    weight_decay: float = 0.0
+    """The optimizer's weight decay (decoupled for adamw, L2 for sgd and adam, as torch.optim does)."""
+
+    grad_clip: Optional[float] = None
+    """Clip the all-reduced gradient to this global L2 norm before each step (the same on every replica)."""
+
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps, mid-epoch if need be (the last epoch's figures cover its steps run); the schedule spans them."""
 
     seed: int = 0
     """Seeds the initial weights, the built-in data and the sample order of every epoch."""
@@ -140,6 +153,13 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError("grad_clip", f"must be > 0 (a global norm), got {self.grad_clip}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
         if self.cpus_per_replica < 0 or (self.device == "cpu" and self.cpus_per_replica == 0):
             raise ConfigError("cpus_per_replica", f"must be > 0 for cpu replicas, got {self.cpus_per_replica}")
         gpus = self.gpus_per_replica

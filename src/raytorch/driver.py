@@ -149,7 +149,7 @@ class Trainer:
             with replica_group(
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                 init_state=ray.put(init_state), train_set=ray.put(train_set),
-                eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=steps * config.epochs,
+                eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=min(steps * config.epochs, config.max_steps or steps * config.epochs),
             ) as group:
                 for info in group.described():
                     self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
@@ -187,15 +187,27 @@ class Trainer:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
         steps = self._steps_per_epoch = steps_per_epoch(train_size, config.batch_size, config.drop_last)
-        per_epoch = steps * config.batch_size if config.drop_last else train_size  # samples
+        limit = min(steps * config.epochs, config.max_steps or steps * config.epochs)  # steps in the run
+        epochs = -(-limit // steps)  # the last may be cut short by max_steps
+
+        def batches_of(epoch: int) -> list:
+            order = epoch_order(train_size, config.seed, epoch, config.shuffle)
+            return global_batches(order, config.batch_size, config.drop_last)[:limit - epoch * steps]
+
+        def samples_through(epoch: int) -> int:
+            """Samples in epochs 0..epoch: whole epochs, then a cut one's full batches."""
+            whole = min(epoch + 1, limit // steps)
+            cut = limit - whole * steps if epoch + 1 > whole else 0
+            per_epoch = steps * config.batch_size if config.drop_last else train_size
+            return whole * per_epoch + cut * config.batch_size
+
         epoch_times = []
         started = time.perf_counter()
         self._step_time, self._recovering = 0.0, None
         epoch_started = None
-        while at.epoch < config.epochs:
+        while at.epoch < epochs:
             epoch = at.epoch
-            batches = global_batches(epoch_order(train_size, config.seed, epoch, config.shuffle),
-                                     config.batch_size, config.drop_last)
+            batches = batches_of(epoch)
             if epoch_started is None:  # not again when the epoch goes on after a loss
                 epoch_started = time.perf_counter()
             try:
@@ -230,7 +242,8 @@ class Trainer:
             self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss, accuracy))
             if run_dir:
                 run_dir.log({"event": "epoch", "epoch": epoch, "loss": at.epoch_losses[-1], "eval_loss": eval_loss,
-                             "eval_accuracy": accuracy, "steps": (epoch + 1) * steps, "samples": (epoch + 1) * per_epoch,
+                             "eval_accuracy": accuracy, "steps": epoch * steps + len(batches),
+                             "samples": samples_through(epoch),
                              "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
             # checkpoint: the next epoch starts from here
             at.epoch, at.index = epoch + 1, 0
@@ -239,7 +252,7 @@ class Trainer:
             if run_dir:
                 self._checkpoint(group, at)
         wall = time.perf_counter() - started
-        steps_done, samples_done = config.epochs * steps, config.epochs * per_epoch
+        steps_done, samples_done = limit, samples_through(epochs - 1)
         if at.eval_losses:
             self._say(final_line(at.eval_losses[-1]))
         self._say(summary_line(at.epoch_losses[-1], at.eval_losses[-1] if at.eval_losses else None, steps_done,

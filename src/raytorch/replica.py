@@ -107,12 +107,13 @@ class Replica:
                                         (torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True),
                                          torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True)))
         self.wire = ObjectStoreWire()
-        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
+        self.grad_clip = config.grad_clip
         self.precision = config.precision
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if self.scaler is not None:
             self.scaler.scale(torch.ones((), device=self.device))  # creates its scale now: a replica may sit out step 0
-        self.schedule = make_schedule(config.schedule, self.optimizer, total_steps)
+        self.schedule = make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps)
         # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
         # PyTorch's warning about a schedule step without an optimizer step does not apply.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -210,9 +211,13 @@ class Replica:
         if math.isfinite(loss):  # the same test on the same numbers: every replica decides alike
             if self.host_grad is not self.flat_grad:
                 self.flat_grad.copy_(self.host_grad, non_blocking=True)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
+            if self.grad_clip is not None:  # on the reduced gradient: the same on every replica
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             if self.scaler is None:
                 self.optimizer.step()
-            else:  # unscale, step unless the (same, everywhere) reduced gradient overflowed, adapt the scale
+            else:  # step unless the (same, everywhere) reduced gradient overflowed; adapt the scale
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
         # else on_nonfinite 'skip' (a 'stop' raised in _compute): drop the update, keep the schedule

@@ -1,0 +1,54 @@
+"""Training features against plain single-process PyTorch (tests/reference.py), on W = 2 and 3
+replicas: each keeps the contract (the result does not depend on W)."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from raytorch import ConfigError, TrainConfig, Trainer
+from raytorch.builtins import classification_data, mlp
+
+from reference import assert_same_parameters, train_reference
+
+DATA = partial(classification_data, 150, 4)  # 150 samples: batches of 32 leave a short last one
+MODEL = partial(mlp, 16, 4, hidden=16)
+BASE = dict(epochs=3, batch_size=32, lr=0.05, seed=2)
+
+
+@pytest.mark.parametrize("features", [
+    dict(optimizer="sgd", lr_schedule="step"),
+    dict(optimizer="adam", lr_schedule="cosine", warmup_steps=4),
+    dict(optimizer="sgd", lr_schedule="constant", warmup_steps=3),
+    dict(optimizer="adamw", lr_schedule="constant", weight_decay=0.1),
+    dict(optimizer="sgd", lr_schedule="constant", weight_decay=0.01, grad_clip=0.05),
+    dict(optimizer="adam", lr_schedule="cosine", max_steps=11),  # stops in epoch 2, step 1 of 5
+], ids=["step", "cosine+warmup", "warmup", "weight_decay", "grad_clip", "max_steps"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_feature_matches_one_process(ray_local, features, workers):
+    config = TrainConfig(**BASE, **features, workers=workers)
+    result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, loss_fn=torch.nn.functional.cross_entropy,
+                     quiet=True).fit()
+    expected, losses = train_reference(MODEL, DATA(), torch.nn.functional.cross_entropy, **BASE, **features)
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    assert len(set(result.replica_digests)) == 1
+    if "max_steps" in features:
+        assert result.steps == 11 and result.samples == 2 * 150 + 32 and len(result.epoch_losses) == 3
+
+
+def test_clipping_really_clips():
+    """The grad_clip case above is only a test if the norm exceeds the bound: it does, by far."""
+    torch.manual_seed(BASE["seed"])
+    model = MODEL()
+    data = DATA()
+    x, y = data.batch(torch.arange(32).numpy())
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) > 4 * 0.05
+
+
+@pytest.mark.parametrize("field, value", [("warmup_steps", -1), ("weight_decay", -0.1), ("grad_clip", 0.0),
+                                          ("max_steps", 0)])
+def test_bad_values(field, value):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        TrainConfig(**{field: value})
