@@ -100,7 +100,7 @@ def test_batch_larger_than_dataset_with_drop_last(ray_local):
     from raytorch import ConfigError
 
     config = TrainConfig(workers=2, batch_size=50, drop_last=True)
-    with pytest.raises(ConfigError, match="batch_size: 50 exceeds the 10 training samples"):
+    with pytest.raises(ConfigError, match="batch_size: 50 samples per step exceed the 10 training samples"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
 
 

@@ -52,3 +52,15 @@ def test_clipping_really_clips():
 def test_bad_values(field, value):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch(ray_local, workers):
+    job = dict(BASE, optimizer="adam", lr_schedule="cosine")
+    config = TrainConfig(**{**job, "batch_size": 16}, accumulate=3, workers=workers)  # steps of 48 samples
+    result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, loss_fn=torch.nn.functional.cross_entropy,
+                     quiet=True).fit()
+    expected, losses = train_reference(MODEL, DATA(), torch.nn.functional.cross_entropy, **{**job, "batch_size": 48})
+    assert result.steps == 3 * 4  # 150 samples in steps of 48: 4 per epoch, the last of 6
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)

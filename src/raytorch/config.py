@@ -24,7 +24,7 @@ NonFiniteAction = Literal["stop", "skip"]
 
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
-RUN_DEFINING = ("epochs", "batch_size", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
+RUN_DEFINING = ("epochs", "batch_size", "accumulate", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
                 "model", "dataset", "loss", "on_nonfinite", "precision", "warmup_steps", "weight_decay",
                 "grad_clip", "max_steps")
 
@@ -41,6 +41,9 @@ class TrainConfig:
 
     batch_size: int = 100
     """Global batch size: samples per optimizer step, summed over all replicas."""
+
+    accumulate: int = 1
+    """Gradient accumulation: each optimizer step takes `accumulate` global batches of batch_size, and every replica runs its part in as many micro-batches, summing their gradients before the all-reduce (the same as one batch `accumulate` times larger)."""
 
     lr: float = 0.5
     """Peak learning rate of the optimizer."""
@@ -151,6 +154,8 @@ class TrainConfig:
                 f"{self.batch_size} is smaller than workers={self.workers}: every replica needs a sample; "
                 f"raise batch_size or lower workers",
             )
+        if self.accumulate < 1:
+            raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {self.accumulate}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         for name in ("warmup_steps", "weight_decay"):
@@ -198,6 +203,11 @@ class TrainConfig:
             if value not in known and ":" not in value:
                 raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}, "
                                          f"or give your own as pkg.module:factory")
+
+    @property
+    def step_batch(self) -> int:
+        """Samples per optimizer step: batch_size x accumulate."""
+        return self.batch_size * self.accumulate
 
     @property
     def schedule(self) -> str:

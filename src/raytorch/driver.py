@@ -129,10 +129,10 @@ class Trainer:
         saved = self._load_checkpoint() if self.resume_from else None
         train_set = self.dataset_fn()
         eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
-        steps = steps_per_epoch(len(train_set), config.batch_size, config.drop_last)
+        steps = steps_per_epoch(len(train_set), config.step_batch, config.drop_last)
         if steps == 0:
-            raise ConfigError("batch_size", f"{config.batch_size} exceeds the {len(train_set)} training samples "
-                                            f"with drop_last: no step would run; lower batch_size")
+            raise ConfigError("batch_size", f"{config.step_batch} samples per step exceed the {len(train_set)} training "
+                                            f"samples with drop_last: no step would run; lower batch_size (or accumulate)")
         # The contract's starting point: model_fn() right after torch.manual_seed(seed).
         torch.manual_seed(config.seed)
         model = self.model_fn()
@@ -186,20 +186,20 @@ class Trainer:
         if run_dir:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
-        steps = self._steps_per_epoch = steps_per_epoch(train_size, config.batch_size, config.drop_last)
+        steps = self._steps_per_epoch = steps_per_epoch(train_size, config.step_batch, config.drop_last)
         limit = min(steps * config.epochs, config.max_steps or steps * config.epochs)  # steps in the run
         epochs = -(-limit // steps)  # the last may be cut short by max_steps
 
         def batches_of(epoch: int) -> list:
             order = epoch_order(train_size, config.seed, epoch, config.shuffle)
-            return global_batches(order, config.batch_size, config.drop_last)[:limit - epoch * steps]
+            return global_batches(order, config.step_batch, config.drop_last)[:limit - epoch * steps]
 
         def samples_through(epoch: int) -> int:
             """Samples in epochs 0..epoch: whole epochs, then a cut one's full batches."""
             whole = min(epoch + 1, limit // steps)
             cut = limit - whole * steps if epoch + 1 > whole else 0
-            per_epoch = steps * config.batch_size if config.drop_last else train_size
-            return whole * per_epoch + cut * config.batch_size
+            per_epoch = steps * config.step_batch if config.drop_last else train_size
+            return whole * per_epoch + cut * config.step_batch
 
         epoch_times = []
         started = time.perf_counter()

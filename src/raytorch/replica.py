@@ -108,7 +108,7 @@ class Replica:
                                          torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True)))
         self.wire = ObjectStoreWire()
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
-        self.grad_clip = config.grad_clip
+        self.grad_clip, self.accumulate = config.grad_clip, config.accumulate
         self.precision = config.precision
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if self.scaler is not None:
@@ -160,18 +160,23 @@ class Replica:
         if len(indices) == 0:
             return None, None
         self.computing_since = time.monotonic()
-        x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, indices))
         self.flat_grad.zero_()
-        with autocast(self.device, self.precision):
-            loss = self.loss_fn(self.model(x), y)
-        if self.scaler is None:
-            loss.backward()
-        else:
-            # fp16: backward of this replica's part of the global mean loss, times the loss scale, so
-            # its fp16 gradients have the magnitudes one process's would (and overflow alike); the
-            # all-reduce is then a plain sum, unscaled by the scaler (see _apply)
-            (self.scaler.scale(loss) * share).backward()
-        value = self._checked(loss.item())
+        value = 0.0
+        # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
+        # summed gradient is the part's mean-loss gradient, as one pass would give
+        for micro in np.array_split(indices, min(self.accumulate, len(indices))):
+            x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, micro))
+            with autocast(self.device, self.precision):
+                loss = self.loss_fn(self.model(x), y) * (len(micro) / len(indices))
+            if self.scaler is None:
+                loss.backward()
+            else:
+                # fp16: backward of this replica's part of the global mean loss, times the loss scale,
+                # so its fp16 gradients have the magnitudes one process's would (and overflow alike);
+                # the all-reduce is then a plain sum, unscaled by the scaler (see _apply)
+                (self.scaler.scale(loss) * share).backward()
+            value += loss.item()
+        value = self._checked(value)
         self.computing_since = None
         if self.staging is not self.flat_grad:
             self.staging.copy_(self.flat_grad, non_blocking=True)
