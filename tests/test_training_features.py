@@ -64,3 +64,54 @@ def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch(ray_local, w
     assert result.steps == 3 * 4  # 150 samples in steps of 48: 4 per epoch, the last of 6
     assert_same_parameters(result.model, expected)
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+
+
+def early_stop_reference(data, evaluation, *, epochs, batch_size, lr, seed, every, patience):
+    """Plain PyTorch with the documented rule: evaluate every `every` steps and at each epoch's end;
+    stop once eval loss has not improved for `patience` evaluations. Returns the step it stops at."""
+    torch.manual_seed(seed)
+    model = MODEL()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = (torch.as_tensor(a) for a in (data.x, data.y))
+    ex, ey = (torch.as_tensor(a) for a in (evaluation.x, evaluation.y))
+    steps = -(-len(data) // batch_size)
+    best, since, done = None, 0, 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch))
+        for k in range(steps):
+            idx = order[k * batch_size:(k + 1) * batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            done += 1
+            if done % every == 0 or k == steps - 1:
+                with torch.no_grad():
+                    value = torch.nn.functional.cross_entropy(model(ex), ey).item()
+                if best is None or value < best:
+                    best, since = value, 0
+                else:
+                    since += 1
+                    if since >= patience:
+                        return done
+    return done
+
+
+def test_early_stopping_stops_where_one_process_would(ray_local):
+    evaluation = classification_data(60, 99)
+    job = dict(epochs=40, batch_size=32, lr=0.05, seed=2)
+    config = TrainConfig(**job, optimizer="adam", lr_schedule="constant", workers=2, eval_every=2,
+                         early_stop_patience=3)
+    result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, eval_dataset_fn=lambda: evaluation,
+                     loss_fn=torch.nn.functional.cross_entropy, quiet=True).fit()
+    stop = early_stop_reference(DATA(), evaluation, **job, every=2, patience=3)
+    assert stop < 40 * 5  # it does stop early
+    assert result.steps == stop
+    expected, _ = train_reference(MODEL, DATA(), torch.nn.functional.cross_entropy, **job, optimizer="adam",
+                                  max_steps=stop)
+    assert_same_parameters(result.model, expected)
+
+
+def test_evaluating_needs_an_eval_set():
+    with pytest.raises(ConfigError, match="^early_stop_patience: needs an eval set"):
+        Trainer(TrainConfig(early_stop_patience=2), model_fn=MODEL, dataset_fn=DATA,
+                loss_fn=torch.nn.functional.cross_entropy).fit()

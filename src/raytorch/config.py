@@ -21,12 +21,13 @@ PrecisionName = Literal["fp32", "bf16", "fp16"]
 ReductionName = Literal["auto", "shared_memory", "object_store"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
+EvalMetric = Literal["eval_loss", "eval_accuracy"]
 
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
 RUN_DEFINING = ("epochs", "batch_size", "accumulate", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
                 "model", "dataset", "loss", "on_nonfinite", "precision", "warmup_steps", "weight_decay",
-                "grad_clip", "max_steps")
+                "grad_clip", "max_steps", "eval_every", "early_stop_patience", "early_stop_metric")
 
 
 @dataclass(kw_only=True)
@@ -62,6 +63,15 @@ class TrainConfig:
 
     grad_clip: Optional[float] = None
     """Clip the all-reduced gradient to this global L2 norm before each step (the same on every replica)."""
+
+    eval_every: int = 0
+    """Also evaluate every N steps (besides each epoch's end): a console line and an 'eval' record in metrics.jsonl; 0: epoch ends only."""
+
+    early_stop_patience: int = 0
+    """Stop when early_stop_metric has not improved for this many evaluations in a row (epoch ends and eval_every); 0: never."""
+
+    early_stop_metric: EvalMetric = "eval_loss"
+    """What early stopping watches: 'eval_loss' (lower is better) or 'eval_accuracy' (higher, classifiers)."""
 
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps, mid-epoch if need be (the last epoch's figures cover its steps run); the schedule spans them."""
@@ -163,6 +173,9 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError("grad_clip", f"must be > 0 (a global norm), got {self.grad_clip}")
+        for name in ("eval_every", "early_stop_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
         if self.cpus_per_replica < 0 or (self.device == "cpu" and self.cpus_per_replica == 0):

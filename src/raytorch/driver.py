@@ -87,6 +87,9 @@ class Position:
     restarts: list[dict] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
+    best: Optional[float] = None  # early stopping: the best eval metric so far (lower is better)
+    since_best: int = 0  # evaluations since it
+    stopped: bool = False  # early-stopped: the run ends at `index` of `epoch`
     loss_sum: float = 0.0  # over the epoch's finite steps: sum of loss * samples, and the samples
     loss_samples: int = 0
 
@@ -126,6 +129,9 @@ class Trainer:
         self._fit_started, self._first_step_s, self._pending = time.perf_counter(), None, deque()
         config = self.config
         config.validate()
+        if (config.eval_every or config.early_stop_patience) and self.eval_dataset_fn is None:
+            raise ConfigError("eval_every" if config.eval_every else "early_stop_patience",
+                              "needs an eval set: give eval_dataset_fn (or a dataset with one)")
         saved = self._load_checkpoint() if self.resume_from else None
         train_set = self.dataset_fn()
         eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
@@ -183,6 +189,7 @@ class Trainer:
         a lost replica is replaced and its step redone, inside the loop."""
         config = self.config
         run_dir = self._run_dir
+        self._eval_size, self._last_eval = eval_size, (None, None)
         if run_dir:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
@@ -214,16 +221,11 @@ class Trainer:
                 # the epoch's steps, from where the run stands (after a loss or a resume: mid-epoch)
                 self._steps(group, at, batches, steps, progress)
                 epoch_time = time.perf_counter() - epoch_started
-                # evaluate: each replica scores a contiguous part of the eval set
-                eval_loss = accuracy = None
-                if eval_size:
-                    eval_parts = split_batch(torch.arange(eval_size), len(group.actors))
-                    scores = group.get([r.evaluate.remote(p.numpy(), config.batch_size)
-                                        for r, p in zip(group.actors, eval_parts)])
-                    sizes = [len(p) for p in eval_parts]
-                    eval_loss = weighted_mean([loss or 0.0 for loss, _ in scores], sizes)
-                    if all(right is not None for (_, right), n in zip(scores, sizes) if n):
-                        accuracy = weighted_mean([right or 0.0 for _, right in scores], sizes)
+                # evaluate: each replica scores a contiguous part of the eval set (an early stop
+                # mid-epoch has just done so)
+                eval_loss, accuracy = self._last_eval if at.stopped else self._evaluate(group)
+                if not at.stopped and eval_loss is not None:
+                    self._judge(at, eval_loss, accuracy, epoch * steps + len(batches))
                 state = group.get([group.actors[0].state.remote()])[0] if scalar_linear else None
             except ReplicaLost as lost:
                 # recover: replace the lost replicas, bring all to the most advanced survivor's step
@@ -240,11 +242,14 @@ class Trainer:
             if accuracy is not None:
                 at.eval_accuracies.append(accuracy)
             self._say(epoch_line(epoch, at.epoch_losses[-1], state, eval_loss, accuracy))
+            done = epoch * steps + at.index  # all of the epoch's steps, unless stopped early
+            samples_done = samples_through(epoch - 1) + sum(at.counts)
             if run_dir:
                 run_dir.log({"event": "epoch", "epoch": epoch, "loss": at.epoch_losses[-1], "eval_loss": eval_loss,
-                             "eval_accuracy": accuracy, "steps": epoch * steps + len(batches),
-                             "samples": samples_through(epoch),
+                             "eval_accuracy": accuracy, "steps": done, "samples": samples_done,
                              "epoch_time_s": epoch_time, "samples_per_s": sum(at.counts) / epoch_time})
+            if at.stopped:
+                break
             # checkpoint: the next epoch starts from here
             at.epoch, at.index = epoch + 1, 0
             at.trim(0)
@@ -252,7 +257,7 @@ class Trainer:
             if run_dir:
                 self._checkpoint(group, at)
         wall = time.perf_counter() - started
-        steps_done, samples_done = limit, samples_through(epochs - 1)
+        steps_done, samples_done = (done, samples_done) if at.stopped else (limit, samples_through(epochs - 1))
         if at.eval_losses:
             self._say(final_line(at.eval_losses[-1]))
         self._say(summary_line(at.epoch_losses[-1], at.eval_losses[-1] if at.eval_losses else None, steps_done,
@@ -283,8 +288,9 @@ class Trainer:
         self._last_collect, self._samples_since = self._timing[0], 0
         while done < len(batches):
             size = steps_per_call(wire, self._step_time)
-            if config.checkpoint_every:  # calls end where a checkpoint is due
-                size = min(size, config.checkpoint_every - (first_step + done) % config.checkpoint_every)
+            for every in (config.checkpoint_every, config.eval_every):  # calls end where a checkpoint or eval is due
+                if every:
+                    size = min(size, every - (first_step + done) % every)
             chunk = batches[done:done + size]
             # split each batch: contiguous near-equal parts, part r to replica r, and plan the
             # all-reduce of each step: weights n_r / n and a route to every replica's gradient
@@ -304,13 +310,28 @@ class Trainer:
             while len(pending) > CALLS_IN_FLIGHT:
                 self._collect(group, pending, at, progress)
             done += len(chunk)
-            if config.checkpoint_every and (first_step + done) % config.checkpoint_every == 0 and done < len(batches):
-                # checkpoint: every replica applies the call's last all-reduce, then the first one's state is saved
+            due = [every and (first_step + done) % every == 0 and done < len(batches)
+                   for every in (config.checkpoint_every, config.eval_every)]
+            if any(due):
+                # every replica applies the call's last all-reduce; then a checkpoint of the first
+                # one's state, and/or an evaluation (which may stop the run early)
                 group.get([r.apply.remote(carry, *carried) for r in replicas])
                 carry, carried = None, []
                 while pending:
                     self._collect(group, pending, at, progress)
-                self._checkpoint(group, at)
+                if due[0]:
+                    self._checkpoint(group, at)
+                if due[1]:
+                    self._last_eval = self._evaluate(group)
+                    loss, accuracy = self._last_eval
+                    self._say(f"step {first_step + done}: eval loss={loss:.6f}"
+                              + (f", accuracy={accuracy:.1%}" if accuracy is not None else ""))
+                    self._event({"event": "eval", "epoch": at.epoch, "step": first_step + done, "eval_loss": loss,
+                                 "eval_accuracy": accuracy})
+                    self._judge(at, loss, accuracy, first_step + done)
+                    if at.stopped:
+                        progress.close()
+                        return
         # step: every replica applies the epoch's last all-reduce
         applied = [r.apply.remote(carry, *carried) for r in replicas] if carry is not None else []
         pending.append((applied, [], first_step + done, []))  # drained with the calls if a replica is lost
@@ -358,6 +379,35 @@ class Trainer:
                              "loss": at.losses[before + offset], "samples_per_s": rate})
         progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)
         self._step_time = (now - started) / max(1, len(at.losses) - index)
+
+    def _evaluate(self, group: ReplicaGroup) -> tuple[Optional[float], Optional[float]]:
+        """Eval loss (and a classifier's accuracy) over the eval set, each replica scoring a part."""
+        if not self._eval_size:
+            return None, None
+        eval_parts = split_batch(torch.arange(self._eval_size), len(group.actors))
+        scores = group.get([r.evaluate.remote(p.numpy(), self.config.batch_size)
+                            for r, p in zip(group.actors, eval_parts)])
+        sizes = [len(p) for p in eval_parts]
+        loss = weighted_mean([value or 0.0 for value, _ in scores], sizes)
+        classifier = all(right is not None for (_, right), n in zip(scores, sizes) if n)
+        return loss, weighted_mean([right or 0.0 for _, right in scores], sizes) if classifier else None
+
+    def _judge(self, at: Position, loss: float, accuracy: Optional[float], step: int) -> None:
+        """Early stopping: count evaluations without improvement of early_stop_metric."""
+        config = self.config
+        if not config.early_stop_patience:
+            return
+        value = loss if config.early_stop_metric == "eval_loss" else -(accuracy if accuracy is not None else 0.0)
+        if at.best is None or value < at.best:
+            at.best, at.since_best = value, 0
+            return
+        at.since_best += 1
+        if at.since_best >= config.early_stop_patience:
+            at.stopped = True
+            best = at.best if config.early_stop_metric == "eval_loss" else -at.best
+            self._say(f"early stop at step {step}: {config.early_stop_metric} has not improved on {best:.6f} for "
+                      f"{at.since_best} evaluations")
+            self._event({"event": "early_stop", "step": step, "metric": config.early_stop_metric, "best": best})
 
     def _first_step_done(self) -> None:
         now = time.perf_counter()
@@ -455,7 +505,7 @@ class Trainer:
             "losses": torch.tensor(at.losses[:index], dtype=torch.float64),
             "counts": torch.tensor(at.counts[:index], dtype=torch.int64),
             "epoch_losses": list(at.epoch_losses), "eval_losses": list(at.eval_losses),
-            "eval_accuracies": list(at.eval_accuracies),
+            "eval_accuracies": list(at.eval_accuracies), "best": at.best, "since_best": at.since_best,
             "restarts": json.dumps(at.restarts), "skipped": list(at.skipped),
             "config": self.config.to_dict(),
         }
@@ -486,6 +536,7 @@ class Trainer:
         self._say(f"resumed from {self._last_checkpoint}: epoch {saved['epoch']}, step {saved['step']}")
         at = Position(epoch=saved["epoch"], index=saved["index"], epoch_losses=list(saved["epoch_losses"]),
                       eval_losses=list(saved["eval_losses"]), eval_accuracies=list(saved.get("eval_accuracies", [])),
+                      best=saved.get("best"), since_best=saved.get("since_best", 0),
                       restarts=json.loads(saved["restarts"]),
                       skipped=list(saved["skipped"]))
         for loss, samples in zip(saved["losses"].tolist(), saved["counts"].tolist()):
