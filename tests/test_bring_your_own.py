@@ -39,7 +39,7 @@ def test_bad_names_say_what_failed(field, value, message):
 
 
 def test_your_dataset_needs_your_model_and_a_loss():
-    with pytest.raises(ConfigError, match=r"model: the built-in 'linear' needs a built-in dataset"):
+    with pytest.raises(ConfigError, match=r"model: built-in models need a built-in dataset"):
         training(TrainConfig(dataset="user_code:data"))
     with pytest.raises(ConfigError, match=r"loss: your own dataset needs a loss"):
         training(TrainConfig(dataset="user_code:train_only", model="user_code:model"))

@@ -16,7 +16,7 @@ from raytorch.config import field_docs
     ({"lr": 0.0}, "lr"),
     ({"lr": -1e-3}, "lr"),
     ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"lr_schedule": "linear_decay"}, "lr_schedule"),
     ({"model": "resnet"}, "model"),
     ({"dataset": "imagenet"}, "dataset"),
     ({"device": "tpu"}, "device"),

@@ -55,13 +55,15 @@ def digits_data(part: str) -> ArrayDataset:
 
 @dataclass(frozen=True)
 class Task:
-    """A built-in dataset with the loss and the input/output widths that fit it."""
+    """A built-in dataset with the loss, the input/output widths and the model that fit it."""
 
     train: Callable[[int], ArrayDataset]
     eval: Callable[[int], ArrayDataset]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     in_features: int
     out_features: int
+    model: str = "mlp"
+    """The built-in model a run uses when it names none."""
 
 
 # Separate streams for train and eval data: seed and seed + 1_000_003.
@@ -74,6 +76,7 @@ DATASETS: dict[str, Task] = {
         loss=F.mse_loss,
         in_features=1,
         out_features=1,
+        model="linear",
     ),
     "digits": Task(
         train=lambda seed: digits_data("train"),

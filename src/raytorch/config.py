@@ -85,8 +85,8 @@ class TrainConfig:
     drop_last: bool = False
     """Drop the last, partial global batch of each epoch."""
 
-    model: str = "linear"
-    """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module). The Python API takes model_fn instead."""
+    model: Optional[str] = None
+    """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module); default: the built-in dataset's ('linear' for linear, 'mlp' for the others). The Python API takes model_fn instead."""
 
     dataset: str = "linear"
     """Dataset for the CLI: built-in 'linear' (y = 2x + 1), 'classification' (16 features, 4 classes) or 'digits' (scikit-learn's 8x8 handwritten digits, 1,437 train / 360 eval), or your own as pkg.module:factory (returning a Dataset, or a (train, eval) pair)."""
@@ -213,7 +213,7 @@ class TrainConfig:
 
         for field, known in (("model", builtins.MODELS), ("dataset", builtins.DATASETS)):
             value = getattr(self, field)
-            if value not in known and ":" not in value:
+            if value is not None and value not in known and ":" not in value:
                 raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}, "
                                          f"or give your own as pkg.module:factory")
 

@@ -77,14 +77,14 @@ def training(config: TrainConfig) -> Training:
     else:
         task = builtins.DATASETS[config.dataset]
         dataset_fn, eval_fn = partial(task.train, config.seed), partial(task.eval, config.seed)
-    if is_import_path(config.model):
+    if config.model is not None and is_import_path(config.model):
         model_fn = load(config.model, "model")
         _call(model_fn, "model")  # built here once: a factory that fails says so before Ray starts
     elif task is not None:
-        model_fn = partial(builtins.MODELS[config.model], task.in_features, task.out_features)
+        model_fn = partial(builtins.MODELS[config.model or task.model], task.in_features, task.out_features)
     else:
-        raise ConfigError("model", f"the built-in {config.model!r} needs a built-in dataset (its sizes); with "
-                                   f"your own dataset give your own model: --model pkg.module:factory")
+        raise ConfigError("model", "built-in models need a built-in dataset (their sizes come from it); with your "
+                                   "own dataset give your own model: --model pkg.module:factory")
     if config.loss is not None:
         loss_fn = loss_function(config.loss)
     elif task is not None:
