@@ -22,6 +22,7 @@ ReductionName = Literal["auto", "shared_memory", "object_store"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
+SplitName = Literal["even", "adaptive"]
 
 # The fields that define what a run computes. A resumed run must match its checkpoint in these;
 # the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
@@ -105,6 +106,9 @@ class TrainConfig:
 
     gpus_per_replica: Optional[float] = None
     """GPUs per replica with device 'cuda' (fractions share a GPU); default 1 for cuda, 0 for cpu."""
+
+    split: SplitName = "even"
+    """How each global batch is cut among the replicas: 'even' (near-equal parts), or 'adaptive' (in proportion to each replica's measured speed, so a slow replica takes less and nobody waits for it; the update is the same, since each part's gradient is weighted by its samples)."""
 
     placement: PlacementName = "pack"
     """How replicas are laid over nodes (Ray's placement-group strategy): 'pack' (as few nodes as hold them: locality, shared-memory gradients) or 'spread' (over distinct nodes where there are enough, best effort: a lost node takes fewer replicas with it)."""

@@ -24,6 +24,7 @@ from . import checkpoint
 from .cluster import ray_session
 from .config import RUN_DEFINING, TrainConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, ReplicaError
+from .balance import SpeedEstimate
 from .device import resolve_device
 from .group import ReplicaGroup, ReplicaLost, replica_group
 from .plan import plan_steps, steps_per_call
@@ -211,6 +212,7 @@ class Trainer:
         epoch_times = []
         started = time.perf_counter()
         self._step_time, self._recovering = 0.0, None
+        self._speeds, self._last_split = SpeedEstimate(len(group.actors)), None
         epoch_started = None
         while at.epoch < epochs:
             epoch = at.epoch
@@ -264,6 +266,9 @@ class Trainer:
                                samples_done, wall, len(group.actors)))
         if at.restarts:
             self._say(restarts_line(at.restarts))
+        if config.split == "adaptive" and self._last_split:
+            self._say("split of the last step: " + ", ".join(
+                f"replica-{rank} {n}" for rank, n in zip(group.ranks, self._last_split)))
         digests = group.get([r.digest.remote() for r in group.actors])
         memory = group.get([r.memory.remote() for r in group.actors])
         if len(set(digests)) != 1:
@@ -294,7 +299,8 @@ class Trainer:
             chunk = batches[done:done + size]
             # split each batch: contiguous near-equal parts, part r to replica r, and plan the
             # all-reduce of each step: weights n_r / n and a route to every replica's gradient
-            plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done)
+            shares = self._speeds.shares() if config.split == "adaptive" else None
+            plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done, shares)
             # replicas follow their plans: apply the previous all-reduce, compute their gradient (the
             # dashboard's task list names each call)
             name = f"epoch {at.epoch} steps {first_step + done}-{first_step + done + len(chunk) - 1}"
@@ -354,7 +360,9 @@ class Trainer:
         now = time.perf_counter()
         for offset, sizes in enumerate(sizes_per_step):
             active = [r for r, n in enumerate(sizes) if n]
-            parts = [per_replica[r][offset] for r in active]
+            parts = [per_replica[r][0][offset] for r in active]
+            for r in active:  # its compute time for its part: how fast each replica is
+                self._speeds.observe(r, sizes[r], per_replica[r][1][offset])
             at.add(weighted_mean(parts, [sizes[r] for r in active]), sum(sizes))
             if not math.isfinite(at.losses[-1]):  # on_nonfinite 'skip': every replica skipped its update
                 culprits = ", ".join(f"replica-{group.ranks[r]}" for r, p in zip(active, parts) if not math.isfinite(p))
@@ -376,7 +384,9 @@ class Trainer:
             done_steps = first_step + offset + 1
             if every and (done_steps % every == 0 or done_steps == 1):  # the first step too: where the curve starts
                 self._event({"event": "step", "epoch": at.epoch, "step": done_steps,
-                             "loss": at.losses[before + offset], "samples_per_s": rate})
+                             "loss": at.losses[before + offset], "samples_per_s": rate,
+                             "split": sizes_per_step[offset]})
+        self._last_split = sizes_per_step[-1]
         progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)
         self._step_time = (now - started) / max(1, len(at.losses) - index)
 
@@ -458,6 +468,7 @@ class Trainer:
                   "spares_used": spares_used,
                   "workers": len(group.actors)}
         at.restarts.append(record)
+        self._speeds = SpeedEstimate(len(group.actors))  # positions changed: measure afresh
         self._metrics.restarted(len(names))
         self._metrics.set(workers=len(group.actors))
         # the losses of steps the driver had not gathered yet come with the snapshot

@@ -22,8 +22,10 @@ Step = tuple[np.ndarray, Optional[Reduce], float]  # this replica's samples, the
 
 
 def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Reduce], wire: str,
-               first_step: int) -> tuple[list[list[Step]], list[list[int]], Reduce]:
+               first_step: int, shares: Optional[Sequence[float]] = None
+               ) -> tuple[list[list[Step]], list[list[int]], Reduce]:
     """Plan one call per replica covering `batches`, global steps first_step, first_step + 1, ...
+    Each batch is cut evenly, or in proportion to `shares` (replica speeds, --split adaptive).
 
     Returns each replica's steps, each step's part sizes, and the last step's reduce, which the
     next call (or the epoch's final apply) carries.
@@ -33,7 +35,7 @@ def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Re
     plans: list[list[Step]] = [[] for _ in range(workers)]
     sizes_per_step = []
     for offset, batch in enumerate(batches):
-        parts = split_batch(batch, workers)
+        parts = split_batch(batch, workers, shares)
         sizes = [len(p) for p in parts]
         for plan, part in zip(plans, parts):
             plan.append((part.numpy(), carry, len(part) / len(batch)))

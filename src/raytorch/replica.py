@@ -135,20 +135,22 @@ class Replica:
         """Follow the driver's plan: per step, apply the previous step's all-reduce, then compute
         the gradient of this replica's part of the batch (see plan.py for the format).
 
-        Returns (this call's last gradient as the wire hands it over, the local mean loss of each
-        step, None where this replica had no sample).
+        Returns (this call's last gradient as the wire hands it over, (the local mean loss of each
+        step, None where this replica had no sample; the seconds each step's forward and backward
+        took: the driver's measure of this replica's speed)).
         """
-        handoff, losses = None, []
+        handoff, losses, seconds = None, [], []
         reducing, applied = 0.0, 0
         for indices, reduce, share in plan:
             if reduce is not None:
                 reducing += self._apply(reduce, grads)
                 applied += 1
             handoff, loss = self._compute(indices, share)
+            seconds.append(self.compute_s)
             losses.append(loss)
         if self.metrics and applied:
             self.metrics.allreduced(reducing / applied)
-        return handoff, losses
+        return handoff, (losses, seconds)
 
     @_reported
     def apply(self, reduce, *grads: np.ndarray) -> int:
@@ -158,6 +160,7 @@ class Replica:
 
     def _compute(self, indices: np.ndarray, share: float):
         if len(indices) == 0:
+            self.compute_s = 0.0
             return None, None
         self.computing_since = time.monotonic()
         self.flat_grad.zero_()
@@ -177,6 +180,7 @@ class Replica:
                 (self.scaler.scale(loss) * share).backward()
             value += loss.item()
         value = self._checked(value)
+        self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
         self.computing_since = None
         if self.staging is not self.flat_grad:
             self.staging.copy_(self.flat_grad, non_blocking=True)

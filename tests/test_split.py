@@ -1,0 +1,103 @@
+"""--split adaptive: batches cut by replica speed, the update unchanged (pure parts without Ray; the
+contract end to end on Ray)."""
+
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytorch import TrainConfig, Trainer
+from raytorch.balance import SpeedEstimate
+from raytorch.builtins import classification_data, mlp
+from raytorch.plan import plan_steps
+from raytorch.replica import Replica
+from raytorch.sharding import global_batches, proportional_sizes, split_batch
+
+from reference import assert_same_parameters, train_reference
+
+
+@pytest.mark.parametrize("n, shares, sizes", [
+    (10, [1, 1], [5, 5]),
+    (10, [3, 1], [8, 2]),  # quotas 7.5 / 2.5: the tie goes to the lower rank
+    (7, [1, 1, 1], [3, 2, 2]),
+    (2, [1, 1, 1], [1, 1, 0]),  # a batch shorter than the replicas: one sits out
+    (10, [1, 0], [10, 0]),
+    (100, [0.2, 0.5, 0.3], [20, 50, 30]),
+])
+def test_proportional_sizes(n, shares, sizes):
+    assert proportional_sizes(n, shares) == sizes
+
+
+def test_bad_shares():
+    for shares in ([], [0, 0], [1, -1]):
+        with pytest.raises(ValueError):
+            proportional_sizes(4, shares)
+
+
+def test_a_split_keeps_the_batch_and_its_order():
+    batch = torch.tensor([9, 4, 7, 1, 3, 8])
+    parts = split_batch(batch, 3, shares=[1, 4, 1])
+    assert [p.tolist() for p in parts] == [[9], [4, 7, 1, 3], [8]]
+    assert torch.equal(torch.cat(parts), batch)
+
+
+def test_speed_estimate_is_smoothed_and_follows_a_slowdown():
+    speeds = SpeedEstimate(2, alpha=0.2)
+    assert speeds.shares() is None
+    speeds.observe(0, 100, 1.0)
+    first, second = speeds.shares()
+    assert first == second  # the unmeasured one counts as the average
+    speeds.observe(1, 100, 1.0)
+    speeds.observe(1, 100, 5.0)  # one noisy step moves it by alpha only
+    assert speeds.per_sample[1] == pytest.approx(0.018)
+    for _ in range(10):  # a sharp, lasting slowdown is followed within a few steps
+        speeds.observe(1, 100, 4.0)
+    share_0, share_1 = speeds.shares()
+    assert share_0 / share_1 > 3
+    tiny = SpeedEstimate(2)
+    tiny.observe(0, 100, 0.1)
+    tiny.observe(1, 100, 1000.0)
+    # 1,000 and 0.1 samples/s: the slow one keeps 5% of the mean share, so it is still measured
+    assert tiny.shares() == pytest.approx([1000.0, 0.05 * (1000.0 + 0.1) / 2])
+
+
+def test_uneven_cuts_train_what_even_cuts_train():
+    """In-process replicas following plans cut 1:3 and 2:1 end where plain PyTorch does."""
+    data = classification_data(96, 1)
+    model_fn = partial(mlp, 16, 4, hidden=8)
+    config = TrainConfig(workers=2, batch_size=24, lr=0.01, optimizer="adam", lr_schedule="constant")
+    torch.manual_seed(config.seed)
+    init = model_fn().state_dict()
+    replicas = [Replica(r, config, model_fn=model_fn, loss_fn=F.cross_entropy, init_state=init, train_set=data,
+                        eval_set=None, total_steps=4) for r in range(2)]
+    carry, handoffs = None, []
+    for k, batch in enumerate(global_batches(torch.arange(96), 24)):
+        plans, sizes, carry = plan_steps([batch], 2, carry, "object_store", k, shares=[1, 3] if k % 2 else [2, 1])
+        assert sizes == ([[6, 18]] if k % 2 else [[16, 8]])
+        handoffs = [r.run(plan, *handoffs)[0] for r, plan in zip(replicas, plans)]
+        handoffs = [(g.copy(), loss) for g, loss in handoffs if g is not None]
+    for r in replicas:
+        r.apply(carry, *handoffs)
+    expected, _ = train_reference(model_fn, data, F.cross_entropy, seed=config.seed, epochs=1, batch_size=24,
+                                  lr=0.01, optimizer="adam", shuffle=False)
+    assert_same_parameters(replicas[0].model, expected)
+    assert replicas[0].digest() == replicas[1].digest()
+
+
+@pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
+def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction):
+    job = dict(epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3)
+    data = partial(classification_data, 200, 3)
+    model_fn = partial(mlp, 16, 4, hidden=16)
+    config = TrainConfig(**job, lr_schedule="constant", workers=3, split="adaptive", reduction=reduction,
+                         output_dir=str(tmp_path), log_every=1)
+    result = Trainer(config, model_fn=model_fn, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "step"]
+    assert len(splits) == result.steps and all(sum(s) in (32, 200 % 32) for s in splits)
