@@ -82,7 +82,7 @@ def _ray_train_loop(config: dict) -> None:
     workload = WORKLOADS[config["workload"]]
     x, y = batches(workload, 2 * workload.steps)
     torch.manual_seed(0)
-    model = prepare_model(workload.model_fn())
+    model = prepare_model((config.get("model_fn") or workload.model_fn)())
     opt = torch.optim.SGD(model.parameters(), lr=workload.lr)
     b, part = workload.batch_size, workload.batch_size // workers
     first = None
@@ -102,13 +102,15 @@ def _ray_train_loop(config: dict) -> None:
             json.dump({"seconds": time.perf_counter() - started, "first_step_at": first}, f)
 
 
-def ray_train(workload: Workload, workers: int, storage: str) -> dict:
-    """Ray Train's TorchTrainer + prepare_model (DDP over gloo), Ray already up."""
+def ray_train(workload: Workload, workers: int, storage: str, model_fn=None) -> dict:
+    """Ray Train's TorchTrainer + prepare_model (DDP over gloo), Ray already up. `model_fn`
+    replaces the workload's model factory (the straggler case pins processes through it)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out = os.path.join(storage, f"ray-train-{time.time_ns()}.json")
-    trainer = TorchTrainer(_ray_train_loop, train_loop_config={"workload": workload.name, "out": out},
+    trainer = TorchTrainer(_ray_train_loop, train_loop_config={"workload": workload.name, "out": out,
+                                                               "model_fn": model_fn},
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
                            run_config=RunConfig(storage_path=storage, name=f"bench-{workload.name}-{time.time_ns()}"))
     called = time.time()

@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=5000, help="steps of the memory check (0: skip)")
     parser.add_argument("--json", default="bench.json", help="where to write the raw figures")
+    parser.add_argument("--straggler", action="store_true",
+                        help="only the straggler case: W=2, one replica's core shared with a busy loop; raytorch even "
+                             "vs --split adaptive vs Ray Train (needs 2 cores)")
     args = parser.parse_args()
     from raytorch.cluster import keep_on_loopback
 
@@ -46,6 +49,23 @@ def main() -> int:
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}})
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    if args.straggler:
+        import straggler
+
+        if not straggler.available():
+            print("the straggler case needs cores 0 and 1 and sched_setaffinity", file=sys.stderr)
+            return 1
+        figures = straggler.main(args.rounds)
+        ray.shutdown()
+        save({"straggler": figures}, args.json)
+        rates = figures["steps_per_s"]
+        print("\nstraggler (MLP, W=2, one replica's core shared with a busy loop), median steps/s:")
+        for system, rate in rates.items():
+            print(f"  {system:18s} {rate:7.1f}")
+        print(f"  adaptive / even {figures['adaptive_vs_even']:.2f}x, adaptive / Ray Train "
+              f"{figures['adaptive_vs_ray_train']:.2f}x; final parameters adaptive vs even: max rel. diff "
+              f"{figures['adaptive_vs_even_max_rel_param_diff']:.1e}")
+        return 0
     runs = make_runs(args.workers)
     raw: dict = {"workers": args.workers, "cores": os.cpu_count(), "runs": []}
     with tempfile.TemporaryDirectory() as storage:
