@@ -4,7 +4,6 @@ contract end to end on Ray)."""
 import json
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
