@@ -40,6 +40,8 @@ class RunMetrics:
                                         tag_keys=keys)
         self.step_time = metrics.Histogram("raytorch_step_seconds", "Wall time per step, seen by the driver",
                                            boundaries=STEP_BOUNDARIES, tag_keys=keys)
+        self.share = metrics.Gauge("raytorch_replica_share", "Fraction of the last step's batch each replica took",
+                                   tag_keys=("run", "replica"))
         self.values: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -58,6 +60,11 @@ class RunMetrics:
         self.steps.inc(steps, tags=self.tags)
         self.samples.inc(samples, tags=self.tags)
         self.step_time.observe(seconds_per_step, tags=self.tags)
+
+    def split(self, fractions: dict[str, float]) -> None:
+        """The last step's batch fraction per replica (named replica-<rank>)."""
+        for replica, fraction in fractions.items():
+            self.share.set(fraction, tags={**self.tags, "replica": replica})
 
     def restarted(self, replicas: int) -> None:
         self.restarts.inc(replicas, tags=self.tags)
