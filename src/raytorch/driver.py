@@ -387,8 +387,9 @@ class Trainer:
                              "loss": at.losses[before + offset], "samples_per_s": rate,
                              "split": sizes_per_step[offset]})
         self._last_split = sizes_per_step[-1]
-        self._metrics.split({f"replica-{rank}": n / max(1, sum(self._last_split))
-                             for rank, n in zip(group.ranks, self._last_split)})
+        if self.config.split == "adaptive":  # an even split says nothing per replica: no gauges on the hot path
+            self._metrics.split({f"replica-{rank}": n / max(1, sum(self._last_split))
+                                 for rank, n in zip(group.ranks, self._last_split)})
         progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)
         self._step_time = (now - started) / max(1, len(at.losses) - index)
 

@@ -112,33 +112,33 @@ class ReplicaGroup:
     def hung(self) -> list[tuple[int, str]]:
         """Positions of replicas that do not answer a ping, or have computed one step for longer
         than step_timeout; with the reason."""
+        return self._health()[0]
+
+    def dead(self) -> list[int]:
+        """Positions of the replicas that are gone; a hung one is killed and counted with them."""
+        hung, gone = self._health()
+        for position, _ in hung:
+            self.kill(position)
+        return sorted(gone + [position for position, _ in hung])
+
+    def _health(self) -> tuple[list[tuple[int, str]], list[int]]:
+        """One ping to every replica: (hung positions with the reason, dead positions)."""
         pings = [a.ping.remote() for a in self.actors]
         wait = min(PING_TIMEOUT_S, self.config.step_timeout)
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait)
-        found = []
+        hung, gone = [], []
         for position, ping in enumerate(pings):
             if ping not in ready:
-                found.append((position, f"no answer to a ping within {wait:g} s"))
+                hung.append((position, f"no answer to a ping within {wait:g} s"))
                 continue
             try:
                 computing = ray.get(ping)["computing_s"]
             except RayActorError:
-                continue  # dead: the caller's next gather says so
-            if computing is not None and computing > self.config.step_timeout:
-                found.append((position, f"one step computing for {computing:.0f} s"))
-        return found
-
-    def dead(self) -> list[int]:
-        """Positions of the replicas that are gone; a hung one is killed and counted with them."""
-        for position, _ in self.hung():
-            self.kill(position)
-        gone = []
-        for position, actor in enumerate(self.actors):
-            try:
-                ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
-            except (RayActorError, GetTimeoutError):
                 gone.append(position)
-        return gone
+                continue
+            if computing is not None and computing > self.config.step_timeout:
+                hung.append((position, f"one step computing for {computing:.0f} s"))
+        return hung, gone
 
     def kill(self, position: int) -> None:
         """End a hung replica: through Ray, and by its pid where it runs on this node (ray.kill
