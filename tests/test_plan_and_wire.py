@@ -34,8 +34,8 @@ def test_object_store_plan_routes_by_position_one_step_per_call():
 def test_steps_per_call_amortizes_small_steps_only():
     assert steps_per_call("object_store", 1e-4) == 1
     assert steps_per_call("shared_memory", 0.0) == 1
-    assert steps_per_call("shared_memory", 0.05) == 1
-    assert steps_per_call("shared_memory", 1e-3) == 20
+    assert steps_per_call("shared_memory", 0.2) == 1
+    assert steps_per_call("shared_memory", 5e-3) == 20
     assert steps_per_call("shared_memory", 1e-6) == 64
 
 

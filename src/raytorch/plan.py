@@ -46,9 +46,11 @@ def plan_steps(batches: Sequence[torch.Tensor], workers: int, carry: Optional[Re
     return plans, sizes_per_step, carry
 
 
-def steps_per_call(wire: str, step_time_s: float, target_s: float = 0.02, most: int = 64) -> int:
-    """How many steps one call should carry: enough that Ray's per-call cost (~1 ms) is small
-    against the call's work. The object-store wire needs one step per call."""
+def steps_per_call(wire: str, step_time_s: float, target_s: float = 0.1, most: int = 64) -> int:
+    """How many steps one call should carry: enough that Ray's per-call cost is small against the
+    call's work. That cost is ~1 ms on an idle core but several where replicas, driver and Ray share
+    cores (a straggler's core: 20 ms calls ran 16% slower than 100 ms ones, see docs/performance.md).
+    The object-store wire needs one step per call."""
     if wire == "object_store" or step_time_s <= 0:
         return 1
     return max(1, min(most, int(target_s / step_time_s)))
