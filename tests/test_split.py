@@ -45,22 +45,44 @@ def test_a_split_keeps_the_batch_and_its_order():
 
 def test_speed_estimate_is_smoothed_and_follows_a_slowdown():
     speeds = SpeedEstimate(2, alpha=0.2)
-    assert speeds.shares() is None
+    assert speeds.shares(200) is None
     speeds.observe(0, 100, 1.0)
-    first, second = speeds.shares()
-    assert first == second  # the unmeasured one counts as the average
+    assert speeds.shares(200) == pytest.approx([100, 100])  # the unmeasured one counts as the average
     speeds.observe(1, 100, 1.0)
     speeds.observe(1, 100, 5.0)  # one noisy step moves it by alpha only
     assert speeds.per_sample[1] == pytest.approx(0.018)
     for _ in range(10):  # a sharp, lasting slowdown is followed within a few steps
         speeds.observe(1, 100, 4.0)
-    share_0, share_1 = speeds.shares()
+    share_0, share_1 = speeds.shares(200)
     assert share_0 / share_1 > 3
+
+
+def test_speed_estimate_keeps_a_floor_for_the_slowest():
     tiny = SpeedEstimate(2)
     tiny.observe(0, 100, 0.1)
     tiny.observe(1, 100, 1000.0)
-    # 1,000 and 0.1 samples/s: the slow one keeps 5% of the mean share, so it is still measured
-    assert tiny.shares() == pytest.approx([1000.0, 0.05 * (1000.0 + 0.1) / 2])
+    # 1,000 and 0.1 samples/s: the slow one keeps 5% of the mean part, so it is still measured
+    assert tiny.shares(200) == pytest.approx([195, 5])
+    assert sum(proportional_sizes(200, tiny.shares(200))) == 200
+
+
+def test_speed_estimate_makes_replicas_finish_together():
+    """Fixed work (all-reduce, optimizer step) counts too: parts are sized so that
+    fixed + per_sample * part is the same on every replica, not just in proportion to speed."""
+    speeds = SpeedEstimate(3)
+    for rank, (per_sample, fixed) in enumerate([(0.001, 0.010), (0.002, 0.004), (0.001, 0.030)]):
+        speeds.observe(rank, 50, per_sample * 50, fixed)
+    parts = speeds.shares(120)
+    assert sum(parts) == pytest.approx(120)
+    finish = [0.010 + 0.001 * parts[0], 0.004 + 0.002 * parts[1], 0.030 + 0.001 * parts[2]]
+    assert finish == pytest.approx([finish[0]] * 3)
+    assert parts == pytest.approx([54.8, 30.4, 34.8])  # speed alone would say 48, 24, 48
+    # fixed work longer than the others' whole step: held at the floor, the rest balanced
+    for _ in range(50):
+        speeds.observe(2, 50, 0.05, 10.0)
+    parts = speeds.shares(120)
+    assert parts[2] == pytest.approx(0.05 * 120 / 3)
+    assert 0.010 + 0.001 * parts[0] == pytest.approx(0.004 + 0.002 * parts[1])
 
 
 def test_uneven_cuts_train_what_even_cuts_train():

@@ -297,9 +297,10 @@ class Trainer:
                 if every:
                     size = min(size, every - (first_step + done) % every)
             chunk = batches[done:done + size]
-            # split each batch: contiguous near-equal parts, part r to replica r, and plan the
-            # all-reduce of each step: weights n_r / n and a route to every replica's gradient
-            shares = self._speeds.shares() if config.split == "adaptive" else None
+            # split each batch: contiguous parts, part r to replica r (near-equal, or sized so all
+            # replicas finish together with --split adaptive), and plan the all-reduce of each
+            # step: weights n_r / n and a route to every replica's gradient
+            shares = self._speeds.shares(len(chunk[0])) if config.split == "adaptive" else None
             plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done, shares)
             # replicas follow their plans: apply the previous all-reduce, compute their gradient (the
             # dashboard's task list names each call)
@@ -361,8 +362,8 @@ class Trainer:
         for offset, sizes in enumerate(sizes_per_step):
             active = [r for r, n in enumerate(sizes) if n]
             parts = [per_replica[r][0][offset] for r in active]
-            for r in active:  # its compute time for its part: how fast each replica is
-                self._speeds.observe(r, sizes[r], per_replica[r][1][offset])
+            for r in active:  # its own time on its part (compute, and the rest): how fast each replica is
+                self._speeds.observe(r, sizes[r], *per_replica[r][1][offset])
             at.add(weighted_mean(parts, [sizes[r] for r in active]), sum(sizes))
             if not math.isfinite(at.losses[-1]):  # on_nonfinite 'skip': every replica skipped its update
                 culprits = ", ".join(f"replica-{group.ranks[r]}" for r, p in zip(active, parts) if not math.isfinite(p))

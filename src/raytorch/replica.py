@@ -136,17 +136,21 @@ class Replica:
         the gradient of this replica's part of the batch (see plan.py for the format).
 
         Returns (this call's last gradient as the wire hands it over, (the local mean loss of each
-        step, None where this replica had no sample; the seconds each step's forward and backward
-        took: the driver's measure of this replica's speed)).
+        step, None where this replica had no sample; per step, the seconds its forward and backward
+        took and the seconds of its other own work: the driver's measure of this replica's speed)).
         """
         handoff, losses, seconds = None, [], []
         reducing, applied = 0.0, 0
         for indices, reduce, share in plan:
+            started, waited = time.monotonic(), self.wire.waited
             if reduce is not None:
                 reducing += self._apply(reduce, grads)
                 applied += 1
             handoff, loss = self._compute(indices, share)
-            seconds.append(self.compute_s)
+            # this replica's own work on the step, waits for peers left out: the part that grows
+            # with its samples (forward and backward) and the part that does not (all-reduce, step)
+            busy = time.monotonic() - started - (self.wire.waited - waited)
+            seconds.append((self.compute_s, max(0.0, busy - self.compute_s)))
             losses.append(loss)
         if self.metrics and applied:
             self.metrics.allreduced(reducing / applied)

@@ -32,6 +32,7 @@ class ObjectStoreWire:
     Ray itself orders each step after the previous one."""
 
     kind = "object_store"
+    waited = 0.0  # Ray resolves the peers' gradients before a call starts: no wait inside one
 
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[np.ndarray, float]:
         return flat.detach().cpu().numpy(), loss
@@ -76,6 +77,7 @@ class SharedMemoryWire:
         self.peers: dict[int, tuple[list[np.ndarray], np.ndarray]] = {rank: (self.grads, self.control)}
         self.pids: dict[int, int] = {}
         self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
+        self.waited = 0.0  # seconds spent waiting for peers, in all: not this replica's own work
 
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
         """Map every peer's buffers and control block, read-only; remember its pid to notice its death."""
@@ -137,6 +139,7 @@ class SharedMemoryWire:
                     raise PeerFailed(f"replica {rank} did not answer within {PEER_TIMEOUT_S:g} s ({what})")
             time.sleep(pause)  # sleep(0) yields the core; back off to 100 us if the peer is far behind
             pause = min(1e-4, pause + 1e-6)
+        self.waited += time.monotonic() - started
 
 
 def _alive(pid: int | None) -> bool:
