@@ -50,3 +50,30 @@ class Poisoned(torch.nn.Linear):
     def forward(self, x):
         out = super().forward(x)
         return out * torch.where(x == -7, torch.nan, 1.0)
+
+
+class Straggle:
+    """A forward pre-hook: the first process to reach a training forward claims `<folder>/slow` and
+    from then on sleeps `per_sample` seconds per sample of every training batch: a straggler."""
+
+    def __init__(self, folder: str, per_sample: float):
+        self.folder, self.per_sample, self.slow = Path(folder), per_sample, None
+
+    def __call__(self, module, inputs):
+        if not module.training:
+            return
+        if self.slow is None:
+            try:
+                os.close(os.open(self.folder / "slow", os.O_CREAT | os.O_EXCL))
+                self.slow = True
+            except FileExistsError:
+                self.slow = False
+        if self.slow:
+            time.sleep(self.per_sample * len(inputs[0]))
+
+
+def straggling(model_fn, folder: str, per_sample: float) -> torch.nn.Module:
+    """model_fn() with a Straggle on its forward."""
+    model = model_fn()
+    model.register_forward_pre_hook(Straggle(folder, per_sample))
+    return model

@@ -15,6 +15,7 @@ from raytorch.plan import plan_steps
 from raytorch.replica import Replica
 from raytorch.sharding import global_batches, proportional_sizes, split_batch
 
+from faults import straggling
 from reference import assert_same_parameters, train_reference
 
 
@@ -44,35 +45,37 @@ def test_a_split_keeps_the_batch_and_its_order():
 
 
 def test_speed_estimate_is_smoothed_and_follows_a_slowdown():
-    speeds = SpeedEstimate(2, alpha=0.2)
-    assert speeds.shares(200) is None
+    speeds = SpeedEstimate(2, alpha=0.2, warmup=0)
+    assert speeds.balanced(200) is None
     speeds.observe(0, 100, 1.0)
-    assert speeds.shares(200) == pytest.approx([100, 100])  # the unmeasured one counts as the average
+    assert speeds.balanced(200) == pytest.approx([100, 100])  # the unmeasured one counts as the average
     speeds.observe(1, 100, 1.0)
     speeds.observe(1, 100, 5.0)  # one noisy step moves it by alpha only
     assert speeds.per_sample[1] == pytest.approx(0.018)
     for _ in range(10):  # a sharp, lasting slowdown is followed within a few steps
         speeds.observe(1, 100, 4.0)
-    share_0, share_1 = speeds.shares(200)
+    share_0, share_1 = speeds.balanced(200)
     assert share_0 / share_1 > 3
 
 
 def test_speed_estimate_keeps_a_floor_for_the_slowest():
-    tiny = SpeedEstimate(2)
+    tiny = SpeedEstimate(2, warmup=0)
     tiny.observe(0, 100, 0.1)
     tiny.observe(1, 100, 1000.0)
     # 1,000 and 0.1 samples/s: the slow one keeps 5% of the mean part, so it is still measured
-    assert tiny.shares(200) == pytest.approx([195, 5])
-    assert sum(proportional_sizes(200, tiny.shares(200))) == 200
+    assert tiny.balanced(200) == pytest.approx([195, 5])
+    assert sum(proportional_sizes(200, tiny.balanced(200))) == 200
+    assert tiny.balanced(8) == pytest.approx([7, 1])  # at least one sample, where there are enough
+    assert proportional_sizes(1, tiny.balanced(1)) == [1, 0]  # a batch of one: the fast one takes it
 
 
 def test_speed_estimate_makes_replicas_finish_together():
     """Fixed work (all-reduce, optimizer step) counts too: parts are sized so that
     fixed + per_sample * part is the same on every replica, not just in proportion to speed."""
-    speeds = SpeedEstimate(3)
+    speeds = SpeedEstimate(3, warmup=0)
     for rank, (per_sample, fixed) in enumerate([(0.001, 0.010), (0.002, 0.004), (0.001, 0.030)]):
         speeds.observe(rank, 50, per_sample * 50, fixed)
-    parts = speeds.shares(120)
+    parts = speeds.balanced(120)
     assert sum(parts) == pytest.approx(120)
     finish = [0.010 + 0.001 * parts[0], 0.004 + 0.002 * parts[1], 0.030 + 0.001 * parts[2]]
     assert finish == pytest.approx([finish[0]] * 3)
@@ -80,9 +83,29 @@ def test_speed_estimate_makes_replicas_finish_together():
     # fixed work longer than the others' whole step: held at the floor, the rest balanced
     for _ in range(50):
         speeds.observe(2, 50, 0.05, 10.0)
-    parts = speeds.shares(120)
+    parts = speeds.balanced(120)
     assert parts[2] == pytest.approx(0.05 * 120 / 3)
     assert 0.010 + 0.001 * parts[0] == pytest.approx(0.004 + 0.002 * parts[1])
+
+
+def test_noise_moves_no_cut_point():
+    """The split changes only where the balanced one is predicted more than `tolerance` faster:
+    replicas a few percent apart keep the even split (or the current one); a straggler does not."""
+    speeds = SpeedEstimate(2)
+    for rank in (0, 1):
+        speeds.observe(rank, 100, 5.0 * (rank + 1), 1.0)  # a first step: warm-up, left out
+    assert speeds.balanced(200) is None
+    speeds.observe(0, 100, 0.100, 0.01)
+    speeds.observe(1, 100, 0.104, 0.01)  # 4% slower per sample: well within noise
+    assert speeds.per_sample == pytest.approx([0.001, 0.00104])
+    assert speeds.shares(200) is None  # stay even
+    assert speeds.shares(200, current=[120, 80]) is not None  # a bad current split is replaced
+    speeds.observe(1, 100, 0.300, 0.01)
+    slow = speeds.shares(200)
+    assert slow is not None and slow[0] > slow[1]
+    assert speeds.shares(200, current=slow) == slow  # kept while nothing changes
+    assert speeds.shares(400, current=slow) == slow  # parts in proportion: any batch size
+    assert speeds.step_time(speeds.balanced(200)) < speeds.step_time([100, 100])
 
 
 def test_uneven_cuts_train_what_even_cuts_train():
@@ -110,15 +133,22 @@ def test_uneven_cuts_train_what_even_cuts_train():
 
 @pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
 def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction):
+    """One of 3 replicas is a real straggler (sleeps 2 ms a sample): it gets the smaller parts,
+    and the run still ends where one process does."""
     job = dict(epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3)
     data = partial(classification_data, 200, 3)
     model_fn = partial(mlp, 16, 4, hidden=16)
     config = TrainConfig(**job, lr_schedule="constant", workers=3, split="adaptive", reduction=reduction,
                          output_dir=str(tmp_path), log_every=1)
-    result = Trainer(config, model_fn=model_fn, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    slow_model = partial(straggling, model_fn, str(tmp_path), 0.002)
+    result = Trainer(config, model_fn=slow_model, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
     expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
     assert_same_parameters(result.model, expected)
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
     splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if r["event"] == "step"]
     assert len(splits) == result.steps and all(sum(s) in (32, 200 % 32) for s in splits)
+    assert splits[0] == splits[1] == [11, 11, 10]  # even until measured (the first step is warm-up)
+    # from the next call on, the straggler (whichever replica claimed the part) takes the smallest
+    # part of each batch, but at least one sample: it stays measured
+    assert all(1 <= min(s) <= 3 and max(s) - min(s) >= 10 for s in splits[7:] if sum(s) == 32)

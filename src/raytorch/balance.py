@@ -6,7 +6,7 @@ on how a global batch is cut: a slow replica can take a smaller part and nobody 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class SpeedEstimate:
@@ -16,17 +16,22 @@ class SpeedEstimate:
     of the replica's own work on the step (applying the all-reduce, the optimizer step, publishing
     its gradient; waits for peers left out). Both are exponential moving averages over steps (a
     step weighted `alpha`), so one noisy step moves them little and a replica that slows down
-    sharply is followed within a few steps. A replica without a measurement counts as the average.
+    sharply is followed within a few steps. Each replica's first `warmup` steps are left out (a
+    fresh process allocates as it goes). A replica without a measurement counts as the average.
     """
 
-    def __init__(self, replicas: int, alpha: float = 0.2):
-        self.alpha = alpha
+    def __init__(self, replicas: int, alpha: float = 0.2, warmup: int = 1):
+        self.alpha, self.warmup = alpha, warmup
         self.per_sample: list[Optional[float]] = [None] * replicas
         self.fixed: list[Optional[float]] = [None] * replicas
+        self.seen = [0] * replicas
 
     def observe(self, replica: int, samples: int, compute_s: float, other_s: float = 0.0) -> None:
         """One step of `replica`: `samples` samples took `compute_s` forward and backward, and
         `other_s` of its other work."""
+        self.seen[replica] += 1
+        if self.seen[replica] <= self.warmup:
+            return
         if samples > 0 and compute_s > 0:
             self.per_sample[replica] = self._smoothed(self.per_sample[replica], compute_s / samples)
         if samples > 0 and other_s >= 0:
@@ -35,22 +40,39 @@ class SpeedEstimate:
     def _smoothed(self, old: Optional[float], value: float) -> float:
         return value if old is None else (1 - self.alpha) * old + self.alpha * value
 
-    def shares(self, samples: int, floor: float = 0.05) -> Optional[list[float]]:
+    def shares(self, samples: int, current: Optional[Sequence[float]] = None, tolerance: float = 0.05,
+               floor: float = 0.05) -> Optional[list[float]]:
+        """The split for a batch of `samples`: the balanced one (see balanced), unless the `current`
+        split (parts in any proportion; None: even) is predicted to take at most `tolerance` longer
+        per step: then the current one, so that measurement noise moves no cut point while a
+        replica that really slows down does. None (even) until a replica is measured."""
+        balanced = self.balanced(samples, floor)
+        if balanced is None:
+            return None
+        kept = [samples / len(balanced)] * len(balanced) if current is None else [
+            samples * part / sum(current) for part in current]
+        if self.step_time(kept) <= (1 + tolerance) * self.step_time(balanced):
+            return None if current is None else list(current)
+        return balanced
+
+    def step_time(self, parts: Sequence[float]) -> float:
+        """The predicted seconds of a step split into `parts`: the last replica to finish."""
+        a, b = self._lines()
+        return max(a[r] + b[r] * n for r, n in enumerate(parts))
+
+    def balanced(self, samples: int, floor: float = 0.05) -> Optional[list[float]]:
         """How many of a batch's `samples` each replica should take (fractional) so that all finish
         the step together; None until one replica is measured.
 
-        Solves fixed_r + per_sample_r * n_r = T for all r with sum n_r = samples. A replica would
-        get at least `floor` of the mean part (one that got no samples could never be measured
-        faster again, and one whose fixed work alone exceeds T is held at the floor).
+        Solves fixed_r + per_sample_r * n_r = T for all r with sum n_r = samples. A replica gets
+        at least `floor` of the mean part and one sample where there are enough (one that got no
+        samples could never be measured faster again; one whose fixed work alone exceeds T is held
+        at the floor).
         """
-        known = [r for r, v in enumerate(self.per_sample) if v is not None]
-        if not known:
+        if all(v is None for v in self.per_sample):
             return None
-        mean_b = sum(self.per_sample[r] for r in known) / len(known)
-        mean_a = sum(self.fixed[r] or 0.0 for r in known) / len(known)
-        b = [v if v is not None else mean_b for v in self.per_sample]
-        a = [(self.fixed[r] or 0.0) if self.per_sample[r] is not None else mean_a for r in range(len(b))]
-        least = floor * samples / len(b)
+        a, b = self._lines()
+        least = max(floor * samples / len(b), 1.0 if samples >= len(b) else 0.0)
         parts: list[Optional[float]] = [None] * len(b)  # None: still free to balance
         while True:
             free = [r for r in range(len(b)) if parts[r] is None]
@@ -63,3 +85,12 @@ class SpeedEstimate:
                 return parts
             for r in low:
                 parts[r] = least
+
+    def _lines(self) -> tuple[list[float], list[float]]:
+        """(fixed, per_sample) of every replica; an unmeasured one gets the measured ones' mean."""
+        known = [r for r, v in enumerate(self.per_sample) if v is not None]
+        mean_b = sum(self.per_sample[r] for r in known) / len(known)
+        mean_a = sum(self.fixed[r] or 0.0 for r in known) / len(known)
+        b = [v if v is not None else mean_b for v in self.per_sample]
+        a = [(self.fixed[r] or 0.0) if self.per_sample[r] is not None else mean_a for r in range(len(b))]
+        return a, b

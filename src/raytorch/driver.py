@@ -212,7 +212,7 @@ class Trainer:
         epoch_times = []
         started = time.perf_counter()
         self._step_time, self._recovering = 0.0, None
-        self._speeds, self._last_split = SpeedEstimate(len(group.actors)), None
+        self._speeds, self._shares, self._last_split = SpeedEstimate(len(group.actors)), None, None
         epoch_started = None
         while at.epoch < epochs:
             epoch = at.epoch
@@ -300,8 +300,9 @@ class Trainer:
             # split each batch: contiguous parts, part r to replica r (near-equal, or sized so all
             # replicas finish together with --split adaptive), and plan the all-reduce of each
             # step: weights n_r / n and a route to every replica's gradient
-            shares = self._speeds.shares(len(chunk[0])) if config.split == "adaptive" else None
-            plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done, shares)
+            if config.split == "adaptive":
+                self._shares = self._speeds.shares(len(chunk[0]), self._shares)
+            plans, sizes, carry = plan_steps(chunk, len(replicas), carry, wire, first_step + done, self._shares)
             # replicas follow their plans: apply the previous all-reduce, compute their gradient (the
             # dashboard's task list names each call)
             name = f"epoch {at.epoch} steps {first_step + done}-{first_step + done + len(chunk) - 1}"
@@ -472,7 +473,7 @@ class Trainer:
                   "spares_used": spares_used,
                   "workers": len(group.actors)}
         at.restarts.append(record)
-        self._speeds = SpeedEstimate(len(group.actors))  # positions changed: measure afresh
+        self._speeds, self._shares = SpeedEstimate(len(group.actors)), None  # positions changed: measure afresh
         self._metrics.restarted(len(names))
         self._metrics.set(workers=len(group.actors))
         # the losses of steps the driver had not gathered yet come with the snapshot
