@@ -52,12 +52,12 @@ def sync(device: str) -> None:
 
 
 def raytorch_run(workload, device: str, steps: int, workers: int = 1, precision: str = "fp32",
-                 gpus: float | None = None, epochs: int = 1):
+                 gpus: float | None = None, epochs: int = 1, **more):
     from raytorch import TrainConfig, Trainer
 
     config = TrainConfig(workers=workers, epochs=epochs, batch_size=workload.batch_size, lr=workload.lr,
                          optimizer="sgd", shuffle=False, device=device, precision=precision,
-                         gpus_per_replica=gpus if device == "cuda" else None)
+                         gpus_per_replica=gpus if device == "cuda" else None, **more)
     return Trainer(config, model_fn=workload.model_fn, dataset_fn=partial(workload.data_fn, workload.batch_size * steps),
                    loss_fn=workload.loss_fn, quiet=True).fit()
 
@@ -99,6 +99,21 @@ def main() -> int:
     error = max(((a.detach() - e.detach()).norm() / e.detach().norm()).item()
                 for a, e in zip(result.model.parameters(), reference.parameters()))
     rows.append(("fp32, 2 replicas on one card vs CPU", f"rel. error {error:.2e}", "< 1e-4", error < 1e-4))
+
+    # 1b. mixed devices: a GPU replica and a CPU replica, split even vs adaptive, against the same reference
+    mixed = "cuda,cpu" if device == "cuda" else "cpu,cpu"
+    for split in ("even", "adaptive"):
+        run = raytorch_run(mlp, "cpu", steps, workers=2, devices=mixed, split=split, epochs=2, output_dir=str(
+            Path(args.out, f"mixed-{split}")), log_every=1)
+        rate = steps / run.epoch_times_s[-1]
+        records = [json.loads(line) for line in Path(args.out, f"mixed-{split}", "metrics.jsonl").open()]
+        cut = [r["split"] for r in records if r.get("event") == "step"][-1]
+        details[f"mixed_{split}"] = {"steps_per_s": rate, "last_split": cut, "epoch_losses": run.epoch_losses}
+        rows.append((f"{mixed} split {split}", f"{rate:.1f} steps/s, last split {cut}", "runs", True))
+    one_epoch = raytorch_run(mlp, "cpu", steps, workers=2, devices=mixed, split="adaptive")
+    error = max(((a.detach() - e.detach()).norm() / e.detach().norm()).item()
+                for a, e in zip(one_epoch.model.parameters(), reference.parameters()))
+    rows.append((f"fp32, {mixed} adaptive vs CPU", f"rel. error {error:.2e}", "< 1e-4", error < 1e-4))
 
     # 2. precision: bf16 and fp16 runs converge (loss falls over 3 epochs)
     for precision in ("bf16", "fp16"):

@@ -111,9 +111,9 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     marker.write_text("{}")
     monkeypatch.setattr(raytorch.placement, "AUTOSCALER_MARKER", marker)
     config = TrainConfig(workers=64, batch_size=64, resource_timeout=2)
-    with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU after 2 s: the cluster has 1 node"):
+    with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU each after 2 s: the cluster has 1 node"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
-    assert "Waiting up to 2 s for room for 64 replicas of 1 CPU (the autoscaler may add nodes)" in capsys.readouterr().out
+    assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in capsys.readouterr().out
 
 
 def test_quiet_prints_nothing_and_still_trains(tmp_path):

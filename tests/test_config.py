@@ -26,6 +26,11 @@ from raytorch.config import field_docs
     ({"device": "cuda", "gpus_per_replica": 1.5}, "gpus_per_replica"),
     ({"cpus_per_replica": 0}, "cpus_per_replica"),
     ({"resource_timeout": -1}, "resource_timeout"),
+    ({"workers": 2, "devices": "cuda,tpu"}, "devices"),
+    ({"workers": 3, "devices": "cuda,cpu"}, "devices"),
+    ({"workers": 2, "devices": "cuda,cpu", "spares": 1}, "spares"),
+    ({"workers": 2, "devices": "cuda,cpu", "cpus_per_replica": 0}, "cpus_per_replica"),
+    ({"workers": 2, "devices": "cpu,cpu", "gpus_per_replica": 0.5}, "gpus_per_replica"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ConfigError) as info:
@@ -38,9 +43,17 @@ def test_invalid_values_name_the_field(changes, field):
 def test_defaults_are_valid_and_ints_become_floats():
     config = TrainConfig(lr=1)
     assert isinstance(config.lr, float)
-    assert config.replica_gpus == 0.0
-    assert TrainConfig(device="cuda").replica_gpus == 1.0
-    assert TrainConfig(device="cuda", gpus_per_replica=0.25).replica_gpus == 0.25
+    assert config.gpus_of(0) == 0.0
+    assert TrainConfig(device="cuda").gpus_of(1) == 1.0
+    assert TrainConfig(device="cuda", gpus_per_replica=0.25).gpus_of(0) == 0.25
+
+
+def test_devices_name_each_replicas_device_and_its_resources():
+    config = TrainConfig(workers=3, devices="cuda, cuda,cpu", gpus_per_replica=0.5)
+    assert config.device_names == ["cuda", "cuda", "cpu"] and config.mixed_devices
+    assert [config.gpus_of(rank) for rank in range(3)] == [0.5, 0.5, 0.0]
+    assert TrainConfig(workers=2, device="cuda").device_names == ["cuda", "cuda"]
+    assert not TrainConfig(workers=2, device="cuda").mixed_devices
 
 
 def test_every_field_has_a_docstring_and_a_flag():

@@ -20,7 +20,7 @@ from reference import assert_same_parameters
 
 def test_auto_takes_cuda_only_where_the_cluster_has_gpus():
     assert resolve_device(TrainConfig(device="auto"), {"CPU": 8.0}).device == "cpu"
-    assert resolve_device(TrainConfig(device="auto"), {"CPU": 8.0, "GPU": 2.0}).replica_gpus == 1.0
+    assert resolve_device(TrainConfig(device="auto"), {"CPU": 8.0, "GPU": 2.0}).gpus_of(0) == 1.0
     config = TrainConfig(device="cpu")
     assert resolve_device(config, {"CPU": 1.0, "GPU": 1.0}) is config  # an explicit choice stays
     with pytest.raises(ClusterError, match=r"device 'cuda' asked for, but the cluster has no GPU \(8 CPU, 0 GPU\)"):

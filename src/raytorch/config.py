@@ -98,6 +98,9 @@ class TrainConfig:
     device: DeviceName = "cpu"
     """Where each replica computes: 'cpu', 'cuda' (one GPU, or gpus_per_replica of one, each), or 'auto' (cuda where the cluster has GPUs, else cpu)."""
 
+    devices: Optional[str] = None
+    """Per-replica devices instead of one for all: comma-separated, one per replica in rank order (e.g. 'cuda,cuda,cpu'), each 'cpu' or 'cuda' and reserving what its kind needs (cpus_per_replica; gpus_per_replica too for cuda). Mixed devices round differently (other kernels, cuDNN's TF32), so the run matches one process to float tolerance, not bit for bit; split 'adaptive' gives each replica the share it can carry. Not with spares."""
+
     precision: PrecisionName = "fp32"
     """Forward and loss under torch.autocast: 'fp32' (off), 'bf16', or 'fp16' with a loss scaler (torch.amp.GradScaler) whose skip-or-step decision every replica takes on the same all-reduced gradient, so replicas never diverge. Gradients and optimizer state stay fp32."""
 
@@ -107,8 +110,8 @@ class TrainConfig:
     gpus_per_replica: Optional[float] = None
     """GPUs per replica with device 'cuda' (fractions share a GPU); default 1 for cuda, 0 for cpu."""
 
-    split: SplitName = "even"
-    """How each global batch is cut among the replicas: 'even' (near-equal parts), or 'adaptive' (in proportion to each replica's measured speed, so a slow replica takes less and nobody waits for it; the update is the same, since each part's gradient is weighted by its samples)."""
+    split: SplitName = "adaptive"
+    """How each global batch is cut among the replicas: 'adaptive' (parts sized by each replica's measured speed so that all finish a step together: a slow replica takes less and nobody waits for it; the update is the same, since each part's gradient is weighted by its samples), or 'even' (near-equal parts: the same cut points every run, so reruns agree bit for bit)."""
 
     placement: PlacementName = "pack"
     """How replicas are laid over nodes (Ray's placement-group strategy): 'pack' (as few nodes as hold them: locality, shared-memory gradients) or 'spread' (over distinct nodes where there are enough, best effort: a lost node takes fewer replicas with it)."""
@@ -182,12 +185,25 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
-        if self.cpus_per_replica < 0 or (self.device == "cpu" and self.cpus_per_replica == 0):
+        if self.devices is not None:
+            names = self.devices.split(",")
+            wrong = [name for name in names if name.strip() not in ("cpu", "cuda")]
+            if wrong:
+                raise ConfigError("devices", f"each entry must be cpu or cuda, got {', '.join(map(repr, wrong))} in "
+                                             f"{self.devices!r}")
+            if len(names) != self.workers:
+                raise ConfigError("devices", f"names {len(names)} device(s) for workers={self.workers}: give one per "
+                                             f"replica, or set workers to {len(names)}")
+            if self.spares:
+                raise ConfigError("spares", "a spare must fit any replica's place, so spares need one device for all: "
+                                            "drop devices (use device) or set spares to 0")
+        kinds = set(self.device_names)
+        if self.cpus_per_replica < 0 or ("cpu" in kinds and self.cpus_per_replica == 0):
             raise ConfigError("cpus_per_replica", f"must be > 0 for cpu replicas, got {self.cpus_per_replica}")
         gpus = self.gpus_per_replica
-        if gpus is not None and self.device == "cpu" and gpus:
+        if gpus is not None and kinds == {"cpu"} and gpus:
             raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
-        if gpus is not None and self.device != "cpu" and (gpus <= 0 or (gpus > 1 and gpus % 1)):
+        if gpus is not None and kinds != {"cpu"} and (gpus <= 0 or (gpus > 1 and gpus % 1)):
             raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {self.checkpoint_every}")
@@ -234,11 +250,26 @@ class TrainConfig:
         return "constant" if self.optimizer == "sgd" else "cosine"
 
     @property
-    def replica_gpus(self) -> float:
-        """GPUs each replica reserves."""
-        if self.device == "auto":
+    def device_names(self) -> list[str]:
+        """Each replica's device, in rank order: devices, or device for all."""
+        if self.devices is not None:
+            return [name.strip() for name in self.devices.split(",")]
+        return [self.device] * self.workers
+
+    @property
+    def mixed_devices(self) -> bool:
+        return len(set(self.device_names)) > 1
+
+    def device_of(self, rank: int) -> str:
+        """Replica `rank`'s device (a spare's too: spares exist only with one device for all)."""
+        return self.device_names[rank] if self.devices is not None else self.device
+
+    def gpus_of(self, rank: int) -> float:
+        """GPUs replica `rank` reserves."""
+        device = self.device_of(rank)
+        if device == "auto":
             raise ValueError("device 'auto' is resolved against the cluster first (see device.resolve_device)")
-        if self.device == "cpu":
+        if device == "cpu":
             return 0.0
         return 1.0 if self.gpus_per_replica is None else self.gpus_per_replica
 

@@ -16,8 +16,16 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(config: TrainConfig, cluster: dict[str, float]) -> TrainConfig:
     """The config with device 'auto' made 'cuda' or 'cpu' by what the cluster has (Ray's
-    cluster_resources()); a ClusterError where 'cuda' is asked of a cluster without a GPU."""
+    cluster_resources()); a ClusterError where 'cuda' (for any replica) is asked of a cluster
+    without a GPU."""
     gpus = cluster.get("GPU", 0.0)
+    if config.devices is not None:
+        on_gpu = [rank for rank, name in enumerate(config.device_names) if name == "cuda"]
+        if on_gpu and gpus <= 0:
+            raise ClusterError(f"devices {config.devices!r} puts replica(s) {', '.join(map(str, on_gpu))} on cuda, "
+                               f"but the cluster has no GPU ({cluster.get('CPU', 0):g} CPU, 0 GPU): name only cpu "
+                               f"there, or add GPU nodes")
+        return config
     device = config.device
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
@@ -45,9 +53,9 @@ def replica_device(name: str) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def replica_resources(config: TrainConfig) -> dict[str, float]:
-    """Ray resources one replica reserves (zero amounts left out, as Ray wants)."""
-    wanted = {"CPU": config.cpus_per_replica, "GPU": config.replica_gpus}
+def replica_resources(config: TrainConfig, rank: int) -> dict[str, float]:
+    """Ray resources replica `rank` reserves (zero amounts left out, as Ray wants)."""
+    wanted = {"CPU": config.cpus_per_replica, "GPU": config.gpus_of(rank)}
     return {name: amount for name, amount in wanted.items() if amount}
 
 

@@ -161,6 +161,11 @@ class Trainer:
                 for info in group.described():
                     self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
                               f"gradients via {info['wire']}")
+                if config.mixed_devices:
+                    self._say("mixed devices: each device rounds its own way (other kernels, cuDNN's TF32), so this "
+                              "run matches one process to float tolerance, not bit for bit"
+                              + ("" if config.split == "adaptive" else "; --split adaptive would give each replica "
+                                 "the share it can carry"))
                 start = Position()
                 if saved is not None:
                     start = self._restore(group, saved)
@@ -389,7 +394,7 @@ class Trainer:
                              "loss": at.losses[before + offset], "samples_per_s": rate,
                              "split": sizes_per_step[offset]})
         self._last_split = sizes_per_step[-1]
-        if self.config.split == "adaptive":  # an even split says nothing per replica: no gauges on the hot path
+        if self.config.split == "adaptive":  # an even split says nothing per replica: no gauges to set
             self._metrics.split({f"replica-{rank}": n / max(1, sum(self._last_split))
                                  for rank, n in zip(group.ranks, self._last_split)})
         progress.advance(len(sizes_per_step), at.loss_samples - samples_before, at.loss_sum - sum_before)

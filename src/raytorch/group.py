@@ -35,8 +35,8 @@ class ReplicaGroup:
     def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
         self.config, self.run_name, self.replica_args = config, run_name, replica_args
         self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
-        self.placement = reserve(config.workers + config.spares, replica_resources(config), config.placement,
-                                 config.resource_timeout)
+        bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
+        self.placement = reserve(bundles, config.placement, config.resource_timeout)
         self.actors: list = []
         self.ranks: list[int] = []
         self.bundles: list[int] = []
@@ -63,7 +63,7 @@ class ReplicaGroup:
     def _create(self, rank: int, bundle: int, name: str):
         return self.actor_class.options(
             num_cpus=self.config.cpus_per_replica,
-            num_gpus=self.config.replica_gpus,
+            num_gpus=self.config.gpus_of(rank),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle),
             name=name,
             namespace=self.run_name,

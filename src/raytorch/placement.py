@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray
@@ -30,8 +31,31 @@ def describe_cluster(node_resources: list[dict[str, float]]) -> str:
     return f"{len(node_resources)} node(s) with {cpus:g} CPU and {gpus:g} GPU in all"
 
 
-def reserve(workers: int, bundle: dict[str, float], strategy: str, timeout_s: float | None) -> PlacementGroup:
-    """A ready placement group of `workers` bundles, or a ClusterError that says what the cluster has.
+def describe_bundles(bundles: list[dict[str, float]]) -> str:
+    """'3 replicas of 1 CPU each', or per kind: '2 replicas of 1 CPU, 1 GPU and 1 of 1 CPU'."""
+    kinds = Counter(tuple(bundle.items()) for bundle in bundles)
+    asks = [(count, ", ".join(f"{amount:g} {name}" for name, amount in kind)) for kind, count in kinds.items()]
+    if len(asks) == 1:
+        return f"{asks[0][0]} replicas of {asks[0][1]} each"
+    return f"{asks[0][0]} replicas of {asks[0][1]} and " + " and ".join(f"{n} of {ask}" for n, ask in asks[1:])
+
+
+def shortfall(node_resources: list[dict[str, float]], bundles: list[dict[str, float]]) -> str | None:
+    """Why `bundles` can never fit on the nodes (each bundle on one node), or None where they may."""
+    kinds = Counter(tuple(bundle.items()) for bundle in bundles)
+    for kind, count in kinds.items():
+        fits = replicas_that_fit(node_resources, dict(kind))
+        if fits < count:
+            return f"room for {fits}" + ("" if len(kinds) == 1 else f" of {', '.join(f'{a:g} {n}' for n, a in kind)}")
+    for name in {name for bundle in bundles for name in bundle}:  # kinds that fit alone may not fit together
+        have, want = sum(n.get(name, 0.0) for n in node_resources), sum(b.get(name, 0.0) for b in bundles)
+        if want > have:
+            return f"{want:g} {name} asked in all"
+    return None
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float | None) -> PlacementGroup:
+    """A ready placement group of `bundles` (one per replica), or a ClusterError that says what the cluster has.
 
     Args:
         strategy: 'pack' or 'spread', as Ray's PACK and SPREAD. SPREAD, not STRICT_SPREAD: it puts
@@ -40,22 +64,22 @@ def reserve(workers: int, bundle: dict[str, float], strategy: str, timeout_s: fl
     """
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     autoscaling = AUTOSCALER_MARKER.exists()
-    fits = replicas_that_fit(nodes, bundle)
-    ask = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
-    if fits < workers and not autoscaling:
+    short = shortfall(nodes, bundles)
+    ask = describe_bundles(bundles)
+    if short and not autoscaling:
         raise ClusterError(
-            f"{workers} replicas of {ask} each cannot fit: the cluster has {describe_cluster(nodes)} "
-            f"(room for {fits}); lower --workers or the per-replica resources, or add nodes")
+            f"{ask} cannot fit: the cluster has {describe_cluster(nodes)} ({short}); lower --workers or the "
+            f"per-replica resources, or add nodes")
     wait = timeout_s if timeout_s is not None else (DEFAULT_AUTOSCALE_WAIT_S if autoscaling else DEFAULT_WAIT_S)
-    group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy.upper())
+    group = placement_group([dict(bundle) for bundle in bundles], strategy=strategy.upper())
     started = time.monotonic()
     if not group.wait(timeout_seconds=1.0):
-        print(f"Waiting up to {wait:g} s for room for {workers} replicas of {ask} "
+        print(f"Waiting up to {wait:g} s for room for {ask} "
               f"({'the autoscaler may add nodes' if autoscaling else 'the cluster is busy'}) ...", flush=True)
         if not group.wait(timeout_seconds=max(0.0, wait - (time.monotonic() - started))):
             remove_placement_group(group)
             raise ClusterError(
-                f"no room for {workers} replicas of {ask} after {wait:g} s: the cluster has "
+                f"no room for {ask} after {wait:g} s: the cluster has "
                 f"{describe_cluster(nodes)}, partly in use; free resources, lower --workers, "
                 f"or raise --resource-timeout")
     return group

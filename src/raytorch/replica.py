@@ -93,7 +93,7 @@ class Replica:
         self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
         self.computing_since = None  # set while a step's forward and backward run
         self.metrics = ReplicaMetrics(run_name, f"replica-{rank}") if ray.is_initialized() else None
-        self.device = replica_device(config.device)
+        self.device = replica_device(config.device_of(rank))
         self.model = model_fn().to(self.device)
         self.model.load_state_dict(init_state)
         self.loss_fn = loss_fn

@@ -1,0 +1,40 @@
+"""Per-replica devices (--devices cpu,cuda,...): resources, room checks and early errors. The GPU
+half runs where a GPU is (scripts/gpu_check.sh); here, everything that needs none."""
+
+import pytest
+
+from raytorch import ClusterError, TrainConfig, Trainer
+from raytorch.builtins import linear, linear_data
+from raytorch.device import replica_resources, resolve_device
+from raytorch.placement import describe_bundles, shortfall
+
+
+def test_each_replica_reserves_what_its_device_needs():
+    config = TrainConfig(workers=3, devices="cuda,cpu,cuda", cpus_per_replica=2, gpus_per_replica=0.5)
+    assert [replica_resources(config, rank) for rank in range(3)] == [
+        {"CPU": 2.0, "GPU": 0.5}, {"CPU": 2.0}, {"CPU": 2.0, "GPU": 0.5}]
+    assert describe_bundles([replica_resources(config, rank) for rank in range(3)]) == \
+        "2 replicas of 2 CPU, 0.5 GPU and 1 of 2 CPU"
+
+
+def test_cuda_replicas_on_a_cluster_without_gpus_are_refused_by_rank():
+    config = TrainConfig(workers=3, devices="cpu,cuda,cuda")
+    with pytest.raises(ClusterError, match=r"devices 'cpu,cuda,cuda' puts replica\(s\) 1, 2 on cuda, but the "
+                                           r"cluster has no GPU \(8 CPU, 0 GPU\)"):
+        resolve_device(config, {"CPU": 8.0})
+    assert resolve_device(config, {"CPU": 8.0, "GPU": 1.0}) is config
+
+
+def test_room_is_checked_per_kind_and_in_all():
+    gpu_node, cpu_node = {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0}
+    cuda, cpu = {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}
+    assert shortfall([gpu_node, cpu_node], [cuda, cpu, cpu]) is None
+    assert shortfall([gpu_node, cpu_node], [cuda, cuda, cpu]) == "room for 1 of 1 CPU, 1 GPU"
+    assert shortfall([{"CPU": 2.0, "GPU": 1.0}], [cuda, cpu, cpu]) == "3 CPU asked in all"  # each kind fits alone
+    assert shortfall([cpu_node], [cpu] * 5) == "room for 4"
+
+
+def test_a_mixed_run_without_gpus_fails_before_any_replica_starts(ray_local):
+    config = TrainConfig(workers=2, devices="cpu,cuda", batch_size=8)
+    with pytest.raises(ClusterError, match=r"puts replica\(s\) 1 on cuda, but the cluster has no GPU"):
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(32, 0), loss_fn=None, quiet=True).fit()
