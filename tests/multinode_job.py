@@ -26,7 +26,6 @@ import re
 import sys
 import tempfile
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from raytorch import TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
 
 from faults import Gated
+from polling import wait_for
 
 # The one job, shared with the test that checks it against plain PyTorch.
 JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)
@@ -105,14 +105,6 @@ def train_losing_a_node(cluster: Cluster, replace_timeout: float) -> dict:
         "epoch_losses": result.epoch_losses,
         "digests": sorted(set(result.replica_digests)),
     }
-
-
-def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
-        time.sleep(0.05)
 
 
 def main() -> None:

@@ -10,27 +10,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from browser import chromium, render, token, token_proxy
+from polling import wait_for
 from test_multinode import wait_until_gone
 from test_ray_up import free_port, get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 WAIT_S = 60.0
-
-
-def wait_for(condition, what, timeout_s=WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
-        time.sleep(0.05)  # another process's files or a server's batches: polled
-    return value
 
 
 def prometheus(port: int, run: str) -> dict[str, float]:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from raytorch.builtins import linear_data
 from raytorch.checkpoint import listed
 
 from faults import Gated, Poisoned
+from polling import wait_for
 from reference import assert_same_parameters, train_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = dict(epochs=3, batch_size=16, lr=1e-4, optimizer="sgd", seed=3)  # 30 steps per epoch
 DATA = partial(linear_data, 480, 3)
-WAIT_S = 60.0
 
 
 def reference(**overrides):
@@ -37,13 +36,6 @@ def assert_matches_reference(result, **overrides):
     assert_same_parameters(result.model, model)
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
     assert len(set(result.replica_digests)) == 1
-
-
-def wait_for(condition, what):
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {WAIT_S:g} s for {what}"
-        time.sleep(0.01)  # the event is a file another process writes: poll it
 
 
 def replica_process(name, reached_pids):

@@ -152,3 +152,6 @@ def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction
     # from the next call on, the straggler (whichever replica claimed the part) takes the smallest
     # part of each batch, but at least one sample: it stays measured
     assert all(1 <= min(s) <= 3 and max(s) - min(s) >= 10 for s in splits[7:] if sum(s) == 32)
+    counts = result.replica_samples
+    assert sorted(counts) == ["replica-0", "replica-1", "replica-2"] and sum(counts.values()) == 2 * 200
+    assert min(counts.values()) < 0.5 * max(counts.values())  # epoch 0 ran mostly even

@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -68,6 +68,8 @@ class TrainResult:
     """The global step of the checkpoint this run resumed from, if any."""
     eval_accuracies: list[float] = field(default_factory=list)
     """For a classifier: the fraction of the eval set classified right after each epoch."""
+    replica_samples: dict[str, int] = field(default_factory=dict)
+    """Training samples each replica computed on in this run (replica-<rank>: count): the split."""
 
     @property
     def eval_loss(self) -> Optional[float]:
@@ -218,6 +220,7 @@ class Trainer:
         started = time.perf_counter()
         self._step_time, self._recovering = 0.0, None
         self._speeds, self._shares, self._last_split = SpeedEstimate(len(group.actors)), None, None
+        self._replica_samples: Counter[int] = Counter()  # by rank
         epoch_started = None
         while at.epoch < epochs:
             epoch = at.epoch
@@ -272,8 +275,11 @@ class Trainer:
         if at.restarts:
             self._say(restarts_line(at.restarts))
         if config.split == "adaptive" and self._last_split:
-            self._say("split of the last step: " + ", ".join(
-                f"replica-{rank} {n}" for rank, n in zip(group.ranks, self._last_split)))
+            total = max(1, sum(self._replica_samples.values()))
+            last = dict(zip(group.ranks, self._last_split))
+            self._say("split of the samples: " + ", ".join(
+                f"replica-{rank} {n / total:.1%} ({last.get(rank, 0)}" + (" in the last step)" if i == 0 else ")")
+                for i, (rank, n) in enumerate(sorted(self._replica_samples.items()))))
         digests = group.get([r.digest.remote() for r in group.actors])
         memory = group.get([r.memory.remote() for r in group.actors])
         if len(set(digests)) != 1:
@@ -283,7 +289,8 @@ class Trainer:
                     steps=steps_done,
                     samples=samples_done, wall_time_s=wall, replica_digests=digests, epoch_times_s=epoch_times,
                     time_to_first_step_s=self._first_step_s, replica_memory=memory, state=state,
-                    restarts=at.restarts, skipped_steps=at.skipped)
+                    restarts=at.restarts, skipped_steps=at.skipped,
+                    replica_samples={f"replica-{rank}": n for rank, n in sorted(self._replica_samples.items())})
 
     def _steps(self, group: ReplicaGroup, at: Position, batches: list, steps: int, progress: Progress) -> None:
         """Run the epoch's steps from at.index on; every replica has applied them all on return."""
@@ -370,6 +377,7 @@ class Trainer:
             parts = [per_replica[r][0][offset] for r in active]
             for r in active:  # its own time on its part (compute, and the rest): how fast each replica is
                 self._speeds.observe(r, sizes[r], *per_replica[r][1][offset])
+                self._replica_samples[group.ranks[r]] += sizes[r]
             at.add(weighted_mean(parts, [sizes[r] for r in active]), sum(sizes))
             if not math.isfinite(at.losses[-1]):  # on_nonfinite 'skip': every replica skipped its update
                 culprits = ", ".join(f"replica-{group.ranks[r]}" for r, p in zip(active, parts) if not math.isfinite(p))

@@ -1,0 +1,12 @@
+"""Waiting, in tests, for what another process does (writes a file, reports a metric): poll it."""
+
+import time
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0, every_s: float = 0.05):
+    """Poll `condition` until it returns something true, and return that; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(every_s)
+    return value
