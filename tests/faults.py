@@ -53,11 +53,14 @@ class Poisoned(torch.nn.Linear):
 
 
 class Straggle:
-    """A forward pre-hook: the first process to reach a training forward claims `<folder>/slow` and
-    from then on sleeps `per_sample` seconds per sample of every training batch: a straggler."""
+    """A forward pre-hook for training forwards: every process sleeps `base` seconds per sample of
+    the batch; the first process to reach a training forward claims `<folder>/slow` and, from its
+    `after`-th training forward on, sleeps `per_sample` more: a straggler (from the start, or a
+    replica that slows down mid-run, as beside a noisy neighbour)."""
 
-    def __init__(self, folder: str, per_sample: float):
-        self.folder, self.per_sample, self.slow = Path(folder), per_sample, None
+    def __init__(self, folder: str, per_sample: float, after: int = 0, base: float = 0.0):
+        self.folder, self.per_sample, self.after, self.base = Path(folder), per_sample, after, base
+        self.slow, self.calls = None, 0
 
     def __call__(self, module, inputs):
         if not module.training:
@@ -68,12 +71,13 @@ class Straggle:
                 self.slow = True
             except FileExistsError:
                 self.slow = False
-        if self.slow:
-            time.sleep(self.per_sample * len(inputs[0]))
+        self.calls += 1
+        straggling = self.slow and self.calls > self.after
+        time.sleep((self.base + (self.per_sample if straggling else 0.0)) * len(inputs[0]))
 
 
-def straggling(model_fn, folder: str, per_sample: float) -> torch.nn.Module:
+def straggling(model_fn, folder: str, per_sample: float, after: int = 0, base: float = 0.0) -> torch.nn.Module:
     """model_fn() with a Straggle on its forward."""
     model = model_fn()
-    model.register_forward_pre_hook(Straggle(folder, per_sample))
+    model.register_forward_pre_hook(Straggle(folder, per_sample, after, base))
     return model

@@ -155,3 +155,21 @@ def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction
     counts = result.replica_samples
     assert sorted(counts) == ["replica-0", "replica-1", "replica-2"] and sum(counts.values()) == 2 * 200
     assert min(counts.values()) < 0.5 * max(counts.values())  # epoch 0 ran mostly even
+
+
+def test_a_replica_that_slows_down_mid_run_is_rebalanced(ray_local, tmp_path):
+    """Both replicas take 1 ms a sample; from its 40th step on one takes 6 ms more (a noisy
+    neighbour moved in). Once the calls already in flight are done, its part shrinks; the run
+    still ends where one process does."""
+    job = dict(epochs=1, batch_size=32, lr=0.05, optimizer="sgd", seed=5)
+    data = partial(classification_data, 32 * 120, 5)
+    model_fn = partial(mlp, 16, 4, hidden=16)
+    config = TrainConfig(**job, lr_schedule="constant", workers=2, output_dir=str(tmp_path), log_every=1)
+    slow_model = partial(straggling, model_fn, str(tmp_path), 0.006, after=40, base=0.001)
+    result = Trainer(config, model_fn=slow_model, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
+    assert_same_parameters(result.model, expected)
+    splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "step"]
+    assert all(max(s) <= 20 for s in splits[:40])  # near even while both are alike
+    assert all(min(s) <= 8 for s in splits[-30:])  # 1 : 7 speeds: ~4 samples of 32 for the slow one
