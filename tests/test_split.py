@@ -131,6 +131,21 @@ def test_uneven_cuts_train_what_even_cuts_train():
     assert replicas[0].digest() == replicas[1].digest()
 
 
+def train_with_straggler(tmp_path, job: dict, data, model_fn, straggle: dict, **config):
+    """Train `model_fn` with a Straggle hook (faults.py) on Ray, logging every step to tmp_path;
+    check the parameters and epoch losses against plain PyTorch. Returns the result and the
+    split of every step."""
+    config = TrainConfig(**job, lr_schedule="constant", output_dir=str(tmp_path), log_every=1, **config)
+    slow_model = partial(straggling, model_fn, str(tmp_path), **straggle)
+    result = Trainer(config, model_fn=slow_model, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "step"]
+    return result, splits
+
+
 @pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
 def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction):
     """One of 3 replicas is a real straggler (sleeps 2 ms a sample): it gets the smaller parts,
@@ -138,15 +153,8 @@ def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction
     job = dict(epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3)
     data = partial(classification_data, 200, 3)
     model_fn = partial(mlp, 16, 4, hidden=16)
-    config = TrainConfig(**job, lr_schedule="constant", workers=3, split="adaptive", reduction=reduction,
-                         output_dir=str(tmp_path), log_every=1)
-    slow_model = partial(straggling, model_fn, str(tmp_path), 0.002)
-    result = Trainer(config, model_fn=slow_model, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
-    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
-    assert_same_parameters(result.model, expected)
-    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
-    splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-              if r["event"] == "step"]
+    result, splits = train_with_straggler(tmp_path, job, data, model_fn, dict(per_sample=0.002),
+                                          workers=3, split="adaptive", reduction=reduction)
     assert len(splits) == result.steps and all(sum(s) in (32, 200 % 32) for s in splits)
     assert splits[0] == splits[1] == [11, 11, 10]  # even until measured (the first step is warm-up)
     # from the next call on, the straggler (whichever replica claimed the part) takes the smallest
@@ -164,12 +172,7 @@ def test_a_replica_that_slows_down_mid_run_is_rebalanced(ray_local, tmp_path):
     job = dict(epochs=1, batch_size=32, lr=0.05, optimizer="sgd", seed=5)
     data = partial(classification_data, 32 * 120, 5)
     model_fn = partial(mlp, 16, 4, hidden=16)
-    config = TrainConfig(**job, lr_schedule="constant", workers=2, output_dir=str(tmp_path), log_every=1)
-    slow_model = partial(straggling, model_fn, str(tmp_path), 0.006, after=40, base=0.001)
-    result = Trainer(config, model_fn=slow_model, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
-    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
-    assert_same_parameters(result.model, expected)
-    splits = [r["split"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-              if r["event"] == "step"]
+    _, splits = train_with_straggler(tmp_path, job, data, model_fn, dict(per_sample=0.006, after=40, base=0.001),
+                                     workers=2)
     assert all(max(s) <= 20 for s in splits[:40])  # near even while both are alike
     assert all(min(s) <= 8 for s in splits[-30:])  # 1 : 7 speeds: ~4 samples of 32 for the slow one

@@ -186,8 +186,8 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
         if self.devices is not None:
-            names = self.devices.split(",")
-            wrong = [name for name in names if name.strip() not in ("cpu", "cuda")]
+            names = self.device_names
+            wrong = [name for name in names if name not in ("cpu", "cuda")]
             if wrong:
                 raise ConfigError("devices", f"each entry must be cpu or cuda, got {', '.join(map(repr, wrong))} in "
                                              f"{self.devices!r}")

@@ -142,6 +142,7 @@ class Trainer:
         if steps == 0:
             raise ConfigError("batch_size", f"{config.step_batch} samples per step exceed the {len(train_set)} training "
                                             f"samples with drop_last: no step would run; lower batch_size (or accumulate)")
+        limit = min(steps * config.epochs, config.max_steps or steps * config.epochs)  # steps in the run
         # The contract's starting point: model_fn() right after torch.manual_seed(seed).
         torch.manual_seed(config.seed)
         model = self.model_fn()
@@ -158,7 +159,7 @@ class Trainer:
             with replica_group(
                 config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                 init_state=ray.put(init_state), train_set=ray.put(train_set),
-                eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=min(steps * config.epochs, config.max_steps or steps * config.epochs),
+                eval_set=ray.put(eval_set) if eval_set is not None else None, total_steps=limit,
             ) as group:
                 for info in group.described():
                     self._say(f"replica-{info['rank']}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
@@ -175,7 +176,7 @@ class Trainer:
                 self._metrics.set(workers=len(group.actors))
                 try:
                     result = self._train(group, start, len(train_set), len(eval_set) if eval_set is not None else 0,
-                                         scalar_linear=is_scalar_linear(init_state))
+                                         steps, limit, scalar_linear=is_scalar_linear(init_state))
                 except ReplicaError:
                     self._drain(timeout=5.0)  # the calls still in flight fail too: take their errors quietly
                     raise
@@ -191,18 +192,18 @@ class Trainer:
                       "(pip install 'raytorch[plot]')")
         return TrainResult(model=model, resumed_from=saved["step"] if saved else None, **result)
 
-    def _train(self, group: ReplicaGroup, at: Position, train_size: int, eval_size: int,
+    def _train(self, group: ReplicaGroup, at: Position, train_size: int, eval_size: int, steps: int, limit: int,
                scalar_linear: bool) -> dict:
         """The epoch loop: split each batch, replicas compute, all-reduce, step, gather losses, log;
-        a lost replica is replaced and its step redone, inside the loop."""
+        a lost replica is replaced and its step redone, inside the loop. `steps` per epoch, `limit`
+        in the run."""
         config = self.config
         run_dir = self._run_dir
         self._eval_size, self._last_eval = eval_size, (None, None)
         if run_dir:
             run_dir.write_config(config)
         progress = Progress(enabled=not self.quiet)
-        steps = self._steps_per_epoch = steps_per_epoch(train_size, config.step_batch, config.drop_last)
-        limit = min(steps * config.epochs, config.max_steps or steps * config.epochs)  # steps in the run
+        self._steps_per_epoch = steps
         epochs = -(-limit // steps)  # the last may be cut short by max_steps
 
         def batches_of(epoch: int) -> list:

@@ -31,10 +31,15 @@ def describe_cluster(node_resources: list[dict[str, float]]) -> str:
     return f"{len(node_resources)} node(s) with {cpus:g} CPU and {gpus:g} GPU in all"
 
 
+def describe_bundle(bundle: dict[str, float]) -> str:
+    """'1 CPU, 0.5 GPU'."""
+    return ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+
+
 def describe_bundles(bundles: list[dict[str, float]]) -> str:
     """'3 replicas of 1 CPU each', or per kind: '2 replicas of 1 CPU, 1 GPU and 1 of 1 CPU'."""
     kinds = Counter(tuple(bundle.items()) for bundle in bundles)
-    asks = [(count, ", ".join(f"{amount:g} {name}" for name, amount in kind)) for kind, count in kinds.items()]
+    asks = [(count, describe_bundle(dict(kind))) for kind, count in kinds.items()]
     if len(asks) == 1:
         return f"{asks[0][0]} replicas of {asks[0][1]} each"
     return f"{asks[0][0]} replicas of {asks[0][1]} and " + " and ".join(f"{n} of {ask}" for n, ask in asks[1:])
@@ -46,7 +51,7 @@ def shortfall(node_resources: list[dict[str, float]], bundles: list[dict[str, fl
     for kind, count in kinds.items():
         fits = replicas_that_fit(node_resources, dict(kind))
         if fits < count:
-            return f"room for {fits}" + ("" if len(kinds) == 1 else f" of {', '.join(f'{a:g} {n}' for n, a in kind)}")
+            return f"room for {fits}" + ("" if len(kinds) == 1 else f" of {describe_bundle(dict(kind))}")
     for name in {name for bundle in bundles for name in bundle}:  # kinds that fit alone may not fit together
         have, want = sum(n.get(name, 0.0) for n in node_resources), sum(b.get(name, 0.0) for b in bundles)
         if want > have:
