@@ -24,75 +24,75 @@ NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
 SplitName = Literal["even", "adaptive"]
 
-# The fields that define what a run computes. A resumed run must match its checkpoint in these;
-# the rest (workers, placement, devices, timeouts, ...) say how it is computed, and may change.
-RUN_DEFINING = ("epochs", "batch_size", "accumulate", "lr", "optimizer", "lr_schedule", "seed", "shuffle", "drop_last",
-                "model", "dataset", "loss", "on_nonfinite", "precision", "warmup_steps", "weight_decay",
-                "grad_clip", "max_steps", "eval_every", "early_stop_patience", "early_stop_metric")
+def run_defining(default: Any) -> Any:
+    """A field that defines what a run computes: a resumed run must match its checkpoint in it. The
+    others (workers, placement, devices, timeouts, ...) say how it is computed, and may change."""
+    return dataclasses.field(default=default, metadata={"run_defining": True})
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TrainConfig:
-    """One training run. The defaults reproduce the seed note's job on 2 replicas."""
+    """One training run. The defaults reproduce the seed note's job on 2 replicas. Frozen: derive a
+    changed one with dataclasses.replace (which validates it again)."""
 
     workers: int = 2
     """Number of Replica actors; each trains on its part of every global batch."""
 
-    epochs: int = 10
+    epochs: int = run_defining(10)
     """Passes over the training set."""
 
-    batch_size: int = 100
+    batch_size: int = run_defining(100)
     """Global batch size: samples per optimizer step, summed over all replicas."""
 
-    accumulate: int = 1
+    accumulate: int = run_defining(1)
     """Gradient accumulation: each optimizer step takes `accumulate` global batches of batch_size, and every replica runs its part in as many micro-batches, summing their gradients before the all-reduce (the same as one batch `accumulate` times larger)."""
 
-    lr: float = 0.5
+    lr: float = run_defining(0.5)
     """Peak learning rate of the optimizer."""
 
-    optimizer: OptimizerName = "adam"
+    optimizer: OptimizerName = run_defining("adam")
     """torch.optim optimizer, with its default hyper-parameters except lr."""
 
-    lr_schedule: Optional[ScheduleName] = None
+    lr_schedule: Optional[ScheduleName] = run_defining(None)
     """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'step' divides it by 10 at half and again at three quarters of the run; 'constant' keeps it. Default: cosine for adam/adamw (the default job's recipe), constant for sgd (the seed note's)."""
 
-    warmup_steps: int = 0
+    warmup_steps: int = run_defining(0)
     """Raise lr linearly from lr/N to lr over the first N steps, then follow lr_schedule over the rest."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = run_defining(0.0)
     """The optimizer's weight decay (decoupled for adamw, L2 for sgd and adam, as torch.optim does)."""
 
-    grad_clip: Optional[float] = None
+    grad_clip: Optional[float] = run_defining(None)
     """Clip the all-reduced gradient to this global L2 norm before each step (the same on every replica)."""
 
-    eval_every: int = 0
+    eval_every: int = run_defining(0)
     """Also evaluate every N steps (besides each epoch's end): a console line and an 'eval' record in metrics.jsonl; 0: epoch ends only."""
 
-    early_stop_patience: int = 0
+    early_stop_patience: int = run_defining(0)
     """Stop when early_stop_metric has not improved for this many evaluations in a row (epoch ends and eval_every); 0: never."""
 
-    early_stop_metric: EvalMetric = "eval_loss"
+    early_stop_metric: EvalMetric = run_defining("eval_loss")
     """What early stopping watches: 'eval_loss' (lower is better) or 'eval_accuracy' (higher, classifiers)."""
 
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = run_defining(None)
     """Stop after this many optimizer steps, mid-epoch if need be (the last epoch's figures cover its steps run); the schedule spans them."""
 
-    seed: int = 0
+    seed: int = run_defining(0)
     """Seeds the initial weights, the built-in data and the sample order of every epoch."""
 
-    shuffle: bool = True
+    shuffle: bool = run_defining(True)
     """Draw a new sample order each epoch (a function of seed and epoch); off: dataset order."""
 
-    drop_last: bool = False
+    drop_last: bool = run_defining(False)
     """Drop the last, partial global batch of each epoch."""
 
-    model: Optional[str] = None
+    model: Optional[str] = run_defining(None)
     """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module); default: the built-in dataset's ('linear' for linear, 'mlp' for the others). The Python API takes model_fn instead."""
 
-    dataset: str = "linear"
+    dataset: str = run_defining("linear")
     """Dataset for the CLI: built-in 'linear' (y = 2x + 1), 'classification' (16 features, 4 classes) or 'digits' (scikit-learn's 8x8 handwritten digits, 1,437 train / 360 eval), or your own as pkg.module:factory (returning a Dataset, or a (train, eval) pair)."""
 
-    loss: Optional[str] = None
+    loss: Optional[str] = run_defining(None)
     """Loss for the CLI: a torch.nn loss class name (CrossEntropyLoss, MSELoss, ...) or pkg.module:function(output, target); default: the built-in dataset's."""
 
     device: DeviceName = "cpu"
@@ -101,7 +101,7 @@ class TrainConfig:
     devices: Optional[str] = None
     """Per-replica devices instead of one for all: comma-separated, one per replica in rank order (e.g. 'cuda,cuda,cpu'), each 'cpu' or 'cuda' and reserving what its kind needs (cpus_per_replica; gpus_per_replica too for cuda). Mixed devices round differently (other kernels, cuDNN's TF32), so the run matches one process to float tolerance, not bit for bit; split 'adaptive' gives each replica the share it can carry. Not with spares."""
 
-    precision: PrecisionName = "fp32"
+    precision: PrecisionName = run_defining("fp32")
     """Forward and loss under torch.autocast: 'fp32' (off), 'bf16', or 'fp16' with a loss scaler (torch.amp.GradScaler) whose skip-or-step decision every replica takes on the same all-reduced gradient, so replicas never diverge. Gradients and optimizer state stay fp32."""
 
     cpus_per_replica: float = 1.0
@@ -152,7 +152,7 @@ class TrainConfig:
     step_timeout: float = 300.0
     """A replica that spends longer than this on one step, or stops answering for as long, is treated as dead and replaced."""
 
-    on_nonfinite: NonFiniteAction = "stop"
+    on_nonfinite: NonFiniteAction = run_defining("stop")
     """NaN or inf in a step's loss or gradient: 'stop' the run naming the step and replica (checkpoints stay as they were), or 'skip' that step's update on every replica."""
 
     def __post_init__(self) -> None:
@@ -161,81 +161,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what to do about it."""
         _check_types(self)
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
-        if self.epochs < 1:
-            raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
-        if self.batch_size < self.workers:
-            raise ConfigError(
-                "batch_size",
-                f"{self.batch_size} is smaller than workers={self.workers}: every replica needs a sample; "
-                f"raise batch_size or lower workers",
-            )
-        if self.accumulate < 1:
-            raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {self.accumulate}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        for name in ("warmup_steps", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError("grad_clip", f"must be > 0 (a global norm), got {self.grad_clip}")
-        for name in ("eval_every", "early_stop_patience"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
-        if self.devices is not None:
-            names = self.device_names
-            wrong = [name for name in names if name not in ("cpu", "cuda")]
-            if wrong:
-                raise ConfigError("devices", f"each entry must be cpu or cuda, got {', '.join(map(repr, wrong))} in "
-                                             f"{self.devices!r}")
-            if len(names) != self.workers:
-                raise ConfigError("devices", f"names {len(names)} device(s) for workers={self.workers}: give one per "
-                                             f"replica, or set workers to {len(names)}")
-            if self.spares:
-                raise ConfigError("spares", "a spare must fit any replica's place, so spares need one device for all: "
-                                            "drop devices (use device) or set spares to 0")
-        kinds = set(self.device_names)
-        if self.cpus_per_replica < 0 or ("cpu" in kinds and self.cpus_per_replica == 0):
-            raise ConfigError("cpus_per_replica", f"must be > 0 for cpu replicas, got {self.cpus_per_replica}")
-        gpus = self.gpus_per_replica
-        if gpus is not None and kinds == {"cpu"} and gpus:
-            raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
-        if gpus is not None and kinds != {"cpu"} and (gpus <= 0 or (gpus > 1 and gpus % 1)):
-            raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
-        if self.checkpoint_every < 0:
-            raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {self.checkpoint_every}")
-        if self.checkpoint_every and not self.output_dir:
-            raise ConfigError("checkpoint_every", "checkpoints go to output_dir: set output_dir too")
-        if self.log_every < 0:
-            raise ConfigError("log_every", f"must be >= 0 steps, got {self.log_every}")
-        if self.tensorboard and not self.output_dir:
-            raise ConfigError("tensorboard", "event files go to output_dir: set output_dir too")
-        if self.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError as e:
-                raise ConfigError("tensorboard", "needs the tensorboard package: pip install 'raytorch[tensorboard]'") from e
-        if self.keep_checkpoints < 1:
-            raise ConfigError("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
-        if self.spares < 0:
-            raise ConfigError("spares", f"must be >= 0, got {self.spares}")
-        if not 1 <= self.min_workers <= self.workers:
-            raise ConfigError("min_workers", f"must be between 1 and workers={self.workers}, got {self.min_workers}")
-        for name in ("replace_timeout", "step_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")
-        if self.resource_timeout is not None and self.resource_timeout < 0:
-            raise ConfigError("resource_timeout", f"must be >= 0 seconds, got {self.resource_timeout}")
-        from . import builtins  # here, not at the top: builtins imports torch, config must stay light
-
-        for field, known in (("model", builtins.MODELS), ("dataset", builtins.DATASETS)):
-            value = getattr(self, field)
-            if value is not None and value not in known and ":" not in value:
-                raise ConfigError(field, f"unknown {field} {value!r}; choose one of {', '.join(sorted(known))}, "
-                                         f"or give your own as pkg.module:factory")
+        _check_training(self)
+        _check_devices(self)
+        _check_outputs_and_recovery(self)
 
     @property
     def step_batch(self) -> int:
@@ -305,6 +233,10 @@ class TrainConfig:
         return cls.from_dict({**values, **overrides}, source=f"config {path}")
 
 
+RUN_DEFINING = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
+"""The run-defining fields (see run_defining), in declaration order."""
+
+
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source."""
     tree = ast.parse(inspect.getsource(cls))
@@ -322,6 +254,93 @@ def field_choices(name: str, cls: type = TrainConfig) -> tuple | None:
     if typing.get_origin(hint) is typing.Union:  # Optional[X]: look at X
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _check_training(config: TrainConfig) -> None:
+    """The run's arithmetic: replicas, epochs, batch, optimizer, schedule, evaluation."""
+    if config.workers < 1:
+        raise ConfigError("workers", f"must be at least 1, got {config.workers}")
+    if config.epochs < 1:
+        raise ConfigError("epochs", f"must be at least 1, got {config.epochs}")
+    if config.batch_size < config.workers:
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size} is smaller than workers={config.workers}: every replica needs a sample; "
+            f"raise batch_size or lower workers",
+        )
+    if config.accumulate < 1:
+        raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {config.accumulate}")
+    if not config.lr > 0:
+        raise ConfigError("lr", f"must be > 0, got {config.lr}")
+    for name in ("warmup_steps", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise ConfigError(name, f"must be >= 0, got {getattr(config, name)}")
+    if config.grad_clip is not None and not config.grad_clip > 0:
+        raise ConfigError("grad_clip", f"must be > 0 (a global norm), got {config.grad_clip}")
+    for name in ("eval_every", "early_stop_patience"):
+        if getattr(config, name) < 0:
+            raise ConfigError(name, f"must be >= 0, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError("max_steps", f"must be at least 1, got {config.max_steps}")
+
+
+def _check_devices(config: TrainConfig) -> None:
+    """Devices and what each replica reserves."""
+    if config.devices is not None:
+        names = config.device_names
+        wrong = [name for name in names if name not in ("cpu", "cuda")]
+        if wrong:
+            raise ConfigError("devices", f"each entry must be cpu or cuda, got {', '.join(map(repr, wrong))} in "
+                                         f"{config.devices!r}")
+        if len(names) != config.workers:
+            raise ConfigError("devices", f"names {len(names)} device(s) for workers={config.workers}: give one per "
+                                         f"replica, or set workers to {len(names)}")
+        if config.spares:
+            raise ConfigError("spares", "a spare must fit any replica's place, so spares need one device for all: "
+                                        "drop devices (use device) or set spares to 0")
+    kinds = set(config.device_names)
+    if config.cpus_per_replica < 0 or ("cpu" in kinds and config.cpus_per_replica == 0):
+        raise ConfigError("cpus_per_replica", f"must be > 0 for cpu replicas, got {config.cpus_per_replica}")
+    gpus = config.gpus_per_replica
+    if gpus is not None and kinds == {"cpu"} and gpus:
+        raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
+    if gpus is not None and kinds != {"cpu"} and (gpus <= 0 or (gpus > 1 and gpus % 1)):
+        raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
+
+
+def _check_outputs_and_recovery(config: TrainConfig) -> None:
+    """Outputs, checkpoints, spares and timeouts; the named model and dataset."""
+    if config.checkpoint_every < 0:
+        raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {config.checkpoint_every}")
+    if config.checkpoint_every and not config.output_dir:
+        raise ConfigError("checkpoint_every", "checkpoints go to output_dir: set output_dir too")
+    if config.log_every < 0:
+        raise ConfigError("log_every", f"must be >= 0 steps, got {config.log_every}")
+    if config.tensorboard and not config.output_dir:
+        raise ConfigError("tensorboard", "event files go to output_dir: set output_dir too")
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("tensorboard", "needs the tensorboard package: pip install 'raytorch[tensorboard]'") from e
+    if config.keep_checkpoints < 1:
+        raise ConfigError("keep_checkpoints", f"must be at least 1, got {config.keep_checkpoints}")
+    if config.spares < 0:
+        raise ConfigError("spares", f"must be >= 0, got {config.spares}")
+    if not 1 <= config.min_workers <= config.workers:
+        raise ConfigError("min_workers", f"must be between 1 and workers={config.workers}, got {config.min_workers}")
+    for name in ("replace_timeout", "step_timeout"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(name, f"must be > 0 seconds, got {getattr(config, name)}")
+    if config.resource_timeout is not None and config.resource_timeout < 0:
+        raise ConfigError("resource_timeout", f"must be >= 0 seconds, got {config.resource_timeout}")
+    from . import builtins  # here, not at the top: builtins imports torch, config must stay light
+
+    for name, known in (("model", builtins.MODELS), ("dataset", builtins.DATASETS)):
+        value = getattr(config, name)
+        if value is not None and value not in known and ":" not in value:
+            raise ConfigError(name, f"unknown {name} {value!r}; choose one of {', '.join(sorted(known))}, "
+                                     f"or give your own as pkg.module:factory")
 
 
 def _check_types(config: TrainConfig) -> None:
@@ -345,4 +364,4 @@ def _check_types(config: TrainConfig) -> None:
         if not ok:
             raise ConfigError(name, f"must be of type {base.__name__}, got {value!r} ({type(value).__name__})")
         if base is float:
-            setattr(config, name, float(value))
+            object.__setattr__(config, name, float(value))  # 1 -> 1.0: the one normalisation, at creation
