@@ -6,7 +6,8 @@ import torch
 
 from raytorch import TrainConfig
 from raytorch.builtins import linear_data, mlp
-from raytorch.replica import Replica, attach_flat_grad
+from raytorch.learner import attach_flat_grad
+from raytorch.replica import Replica
 
 
 def test_grads_are_views_into_one_flat_buffer_through_backward():

@@ -4,7 +4,8 @@
     <run dir>/checkpoints/step-000000412.pt.sha256   its SHA-256: a checkpoint without one is unfinished
 
 Each file is written to a temporary name, flushed to disk (fsync), then renamed into place, so a
-crash leaves either the old set or the new file, never half of one. Pure file logic: no Ray.
+crash leaves either the old set or the new file, never half of one. RunCheckpoints saves where
+a run stands and resumes from it. Pure file logic: no Ray.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
+from .config import RUN_DEFINING, TrainConfig
 from .errors import CheckpointError
+from .position import Position
+from .snapshot import Snapshot
 
 FORMAT = "raytorch-checkpoint/1"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
@@ -86,6 +90,48 @@ def load_latest(run_dir: str | Path) -> tuple[dict[str, Any], Path, list[str]]:
             skipped.append(str(e))
     found = "; ".join(skipped) if skipped else f"no checkpoint in {directory(run_dir)}"
     raise CheckpointError(f"nothing to resume from in {run_dir}: {found}")
+
+
+class RunCheckpoints:
+    """A run directory's checkpoints: a replica's Snapshot and the driver's Position in one file,
+    and the run resumed from the newest valid one."""
+
+    def __init__(self, run_dir: Optional[str | Path], config: TrainConfig, say: Callable[[str], None]):
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.config, self.say = config, say
+        self.last: Optional[Path] = None  # the newest checkpoint written or resumed from
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_dir is not None
+
+    def save(self, snapshot: Snapshot, at: Position, first_step: int) -> Path:
+        """Write where the run stands: `snapshot` of the replicas' state and `at`, in the epoch that
+        starts at global step `first_step`."""
+        payload = {**snapshot.state(), **at.checkpoint(snapshot.steps - first_step), "config": self.config.to_dict()}
+        self.last = save(self.run_dir, snapshot.steps, payload, self.config.keep_checkpoints)
+        return self.last
+
+    def resume(self, run_dir: str | Path) -> tuple[Snapshot, Position]:
+        """The newest valid checkpoint of `run_dir`, as the replicas' state and the run's position;
+        a CheckpointError where it was trained with other run-defining fields."""
+        saved, self.last, skipped = load_latest(run_dir)
+        for line in skipped:
+            self.say(f"skipping a checkpoint: {line}")
+        theirs = saved["config"]
+        for name in RUN_DEFINING:
+            if theirs.get(name) != getattr(self.config, name):
+                raise CheckpointError(f"{run_dir} was trained with {name}={theirs.get(name)!r}, this run "
+                                      f"asks for {getattr(self.config, name)!r}: resume with the same {name}")
+        if saved["epoch"] >= self.config.epochs and saved["index"] == 0:
+            self.say(f"{run_dir}: the run already finished; nothing to resume")
+        return Snapshot.from_checkpoint(saved), Position.from_checkpoint(saved)
+
+    def kept(self) -> str:
+        """Where a run that stops now can resume from, in words."""
+        if self.last:
+            return f"last good checkpoint {self.last}"
+        return "no checkpoint written yet" if self.enabled else "no checkpoint written (set output_dir)"
 
 
 def _checksum_path(path: Path) -> Path:

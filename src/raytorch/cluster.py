@@ -25,6 +25,8 @@ class Session:
     gcs_address: str
     dashboard_url: Optional[str]
     started_here: bool
+    resources: dict[str, float]
+    """What the cluster has in all (Ray's cluster_resources()): CPU, GPU, ..."""
 
 
 def keep_on_loopback() -> None:
@@ -92,14 +94,16 @@ def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]
         session = _describe(started_here=True)
         if not session.gcs_address.startswith("127.0.0.1:"):
             ray.shutdown()
-            raise ClusterError(f"local Ray came up on {session.gcs_address}, not 127.0.0.1; refusing to run off loopback")
+            raise ClusterError(f"local Ray came up on {session.gcs_address}, not 127.0.0.1; "
+                               f"refusing to run off loopback")
     else:
         host, port = host_port(target)
         try:
             socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as e:
             raise ClusterError(f"cannot reach a Ray cluster at {target} ({e.strerror or e}); check --address / "
-                               f"RAY_ADDRESS, start one with `ray start --head`, or drop --address for a local Ray") from e
+                               f"RAY_ADDRESS, start one with `ray start --head`, or drop --address for a local "
+                               f"Ray") from e
         if is_loopback(host):
             keep_on_loopback()
         _init(metadata, address=target)
@@ -121,4 +125,5 @@ def _init(metadata: dict[str, str], **kwargs) -> None:
 def _describe(started_here: bool) -> Session:
     context = ray.get_runtime_context()
     url = ray._private.worker.get_dashboard_url()
-    return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here)
+    return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here,
+                   resources=ray.cluster_resources())

@@ -24,6 +24,10 @@ class ReplicaError(RaytorchError):
     """A replica failed while training; the message names the replica and the step."""
 
 
+class ReplicaLost(ReplicaError):
+    """A replica died or hung: the driver replaces it and redoes the interrupted step."""
+
+
 class PeerError(ReplicaError):
     """A replica stopped because a peer it waited for failed: a consequence, not the cause."""
 

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -16,49 +16,88 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import TrainConfig
 from .device import replica_resources
-from .errors import ClusterError, PeerError, ReplicaError
+from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
 from .placement import reserve
 from .replica import Replica
+from .report import replica_name
+from .snapshot import Snapshot
 
 START_TIMEOUT_S = 300.0
 PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
+SHARED_ARGS = ("init_state", "train_set", "eval_set")  # put in the object store once, read by every replica
 
 
-class ReplicaLost(ReplicaError):
-    """A replica died or hung: the driver replaces it and redoes the interrupted step."""
+class Member(NamedTuple):
+    """One live replica: its actor, its rank (replica-<rank> for good), its placement bundle, and
+    where it runs (what its ready() reported)."""
+
+    actor: Any
+    rank: int
+    bundle: int
+    info: dict
+
+
+class Spare(NamedTuple):
+    """An idle replica, started ahead to take a lost one's place."""
+
+    actor: Any
+    ready: Any  # the ObjectRef of its ready() call
+    bundle: int
+    name: str
+
+
+class Replacement(NamedTuple):
+    """What replace() did: ranks replaced, ranks dropped (no room in time), spares used (by name)."""
+
+    replaced: list[int]
+    dropped: list[int]
+    spares_used: list[str]
 
 
 class ReplicaGroup:
-    """The replicas in wire order (position p holds `actors[p]`, replica-`ranks[p]`, in placement
-    bundle `bundles[p]`), the idle spares, and how gradients travel between the replicas."""
+    """The live replicas in wire order (position p holds `members[p]`), the idle spares, and how
+    gradients travel between the replicas. The only caller of Ray for replicas: the driver asks
+    the group, and Ray's errors become raytorch's here (gather)."""
 
     def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
-        self.config, self.run_name, self.replica_args = config, run_name, replica_args
+        self.config, self.run_name = config, run_name
+        # the big arguments go to the object store once: every replica (and replacement) reads them there
+        self.replica_args = {name: ray.put(value) if name in SHARED_ARGS and value is not None else value
+                             for name, value in replica_args.items()}
         self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
         bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
         self.placement = reserve(bundles, config.placement, config.resource_timeout)
-        self.actors: list = []
-        self.ranks: list[int] = []
-        self.bundles: list[int] = []
-        self.infos: list[dict] = []
-        self.spares: list[tuple] = []  # (actor, its ready() ref, its bundle, its name), oldest first
+        self.members: list[Member] = []
+        self.spares: list[Spare] = []  # oldest first
         self.wire = "object_store"
         self.generation = 0  # bumped by every change of membership: fresh shared-memory names
 
+    @property
+    def ranks(self) -> list[int]:
+        return [m.rank for m in self.members]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def actors(self) -> list:
+        return [m.actor for m in self.members]
+
     def start(self) -> list[dict]:
-        """Start every replica and wait until each is built; returns what each reported. Spares
-        start beside them and are used once built."""
+        """Start every replica (a member at once, so close() ends a start that fails) and wait until
+        each is built; returns what each reported. Spares start beside them, used once built."""
         workers = self.config.workers
-        self.actors = [self._create(rank, rank, f"replica-{rank}") for rank in range(workers)]
-        self.ranks, self.bundles = list(range(workers)), list(range(workers))
+        self.members = [Member(self._create(rank, rank, replica_name(rank)), rank, rank, {}) for rank in range(workers)]
         for bundle in range(workers, workers + self.config.spares):
             self._add_spare(bundle)
-        self.infos = gather(self.actors, [a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        infos = gather(self.actors, [a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        self.members = [member._replace(info=info) for member, info in zip(self.members, infos)]
         self.rewire()
         return self.described()
 
     def described(self) -> list[dict]:
-        return [dict(info, wire=self.wire) for info in self.infos]
+        return [dict(m.info, wire=self.wire) for m in self.members]
 
     def _create(self, rank: int, bundle: int, name: str):
         return self.actor_class.options(
@@ -72,25 +111,69 @@ class ReplicaGroup:
     def _add_spare(self, bundle: int) -> None:
         name = f"spare-{bundle}" + (f".{self.generation}" if self.generation else "")
         actor = self._create(bundle, bundle, name)
-        self.spares.append((actor, actor.ready.remote(), bundle, name))
+        self.spares.append(Spare(actor, actor.ready.remote(), bundle, name))
 
-    def _take_spare(self, rank: int):
-        """A built spare, now replica `rank`: (actor, info, bundle, name); None if none is ready."""
+    def _take_spare(self, rank: int) -> Optional[tuple[Member, str]]:
+        """A built spare, now replica `rank`, and its name; None if none is ready."""
         for spare in list(self.spares):
-            actor, ready_ref, bundle, name = spare
-            if not ray.wait([ready_ref], timeout=0)[0]:
+            if not ray.wait([spare.ready], timeout=0)[0]:
                 continue  # still starting
             self.spares.remove(spare)
             try:
-                ray.get(actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
-                return actor, dict(ray.get(ready_ref), rank=rank), bundle, name
+                ray.get(spare.actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
+                return Member(spare.actor, rank, spare.bundle, dict(ray.get(spare.ready), rank=rank)), spare.name
             except (RayActorError, RayTaskError, GetTimeoutError):
-                ray.kill(actor, no_restart=True)  # lost with its node, or broken: try the next
+                ray.kill(spare.actor, no_restart=True)  # lost with its node, or broken: try the next
         return None
 
     def rewire(self) -> None:
         """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
-        self.wire = connect_wire(self.config.reduction, self.actors, self.infos, f"{self.run_name}-g{self.generation}")
+        self.wire = connect_wire(self.config.reduction, self.actors, [m.info for m in self.members],
+                                 f"{self.run_name}-g{self.generation}")
+
+    # -- calls: the driver's requests, each to every replica unless said otherwise ---------------
+
+    def run(self, plans: list, carried: list, name: str) -> tuple[list, list]:
+        """Each replica follows its plan (Replica.run), the dashboard's task list showing `name`;
+        returns the refs of their handoffs (gradients) and of their RunReports."""
+        calls = [m.actor.run.options(name=name).remote(plan, *carried) for m, plan in zip(self.members, plans)]
+        return [c[0] for c in calls], [c[1] for c in calls]
+
+    def apply(self, reduce, carried: list) -> list:
+        """Every replica applies an all-reduce on its own (Replica.apply); returns the calls' refs."""
+        return [m.actor.apply.remote(reduce, *carried) for m in self.members]
+
+    def call_all(self, method: str, *args) -> list:
+        """Every replica's answer to `method(*args)`, in wire order."""
+        return self.get([getattr(m.actor, method).remote(*args) for m in self.members])
+
+    def call_each(self, method: str, args: Sequence[tuple]) -> list:
+        """Replica p's answer to `method(*args[p])`, in wire order."""
+        return self.get([getattr(m.actor, method).remote(*a) for m, a in zip(self.members, args)])
+
+    def first(self, method: str, *args):
+        """The first replica's answer to `method(*args)` (its state stands for all: they are equal)."""
+        return self.get([getattr(self.members[0].actor, method).remote(*args)])[0]
+
+    def positions(self, ranks: Sequence[int]) -> list[int]:
+        """Steps applied by each of `ranks` (after the calls queued before)."""
+        actor = {m.rank: m.actor for m in self.members}
+        return self.get([actor[rank].position.remote() for rank in ranks])
+
+    def copy_state(self, source: int, to: Sequence[int], losses_since: int) -> Snapshot:
+        """Load replica `source`'s state into replicas `to` (ranks); returns the snapshot, with the
+        global losses of its applied steps from `losses_since` on."""
+        actor = {m.rank: m.actor for m in self.members}
+        snapshot = actor[source].snapshot.remote(losses_since)
+        self.get([actor[rank].restore.remote(snapshot) for rank in to])
+        return self.get([snapshot])[0]
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Every replica becomes the one that took `snapshot` (a resume); the wire starts afresh
+        at its step."""
+        shared = ray.put(snapshot)
+        self.get([m.actor.restore.remote(shared) for m in self.members])
+        self.rewire()
 
     def get(self, refs: Sequence, timeout: float | None = None):
         """gather(), where a replica that stops answering for step_timeout is found and killed:
@@ -100,106 +183,75 @@ class ReplicaGroup:
             try:
                 return gather(self.actors, refs, timeout=limit)
             except ReplicaTimeout as timed_out:
-                hung = self.hung()
+                hung, _ = health(self.actors, self.config.step_timeout)
                 if hung:
                     for position, _ in hung:
                         self.kill(position)
-                    names = ", ".join(f"replica-{self.ranks[p]} ({why})" for p, why in hung)
+                    names = ", ".join(f"{replica_name(self.members[p].rank)} ({why})" for p, why in hung)
                     raise ReplicaLost(f"{names}: treated as dead after step_timeout "
                                       f"{self.config.step_timeout:g} s") from timed_out
                 # every replica answers and none is stuck in a step: slow, not hung; wait on
 
-    def hung(self) -> list[tuple[int, str]]:
-        """Positions of replicas that do not answer a ping, or have computed one step for longer
-        than step_timeout; with the reason."""
-        return self._health()[0]
+    def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
+        """Wait out calls that met a lost replica (they fail at once, or finish) and take their
+        errors, which Ray would otherwise print as unhandled."""
+        refs = list(refs)
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.step_timeout if timeout is None else timeout)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001  (expected: these calls met the lost replica)
+                pass
+
+    # -- health and membership --------------------------------------------------------------------
 
     def dead(self) -> list[int]:
-        """Positions of the replicas that are gone; a hung one is killed and counted with them."""
-        hung, gone = self._health()
+        """Ranks of the replicas that are gone; a hung one is killed and counted with them."""
+        hung, gone = health(self.actors, self.config.step_timeout)
         for position, _ in hung:
             self.kill(position)
-        return sorted(gone + [position for position, _ in hung])
-
-    def _health(self) -> tuple[list[tuple[int, str]], list[int]]:
-        """One ping to every replica: (hung positions with the reason, dead positions)."""
-        pings = [a.ping.remote() for a in self.actors]
-        wait = min(PING_TIMEOUT_S, self.config.step_timeout)
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait)
-        hung, gone = [], []
-        for position, ping in enumerate(pings):
-            if ping not in ready:
-                hung.append((position, f"no answer to a ping within {wait:g} s"))
-                continue
-            try:
-                computing = ray.get(ping)["computing_s"]
-            except RayActorError:
-                gone.append(position)
-                continue
-            if computing is not None and computing > self.config.step_timeout:
-                hung.append((position, f"one step computing for {computing:.0f} s"))
-        return hung, gone
+        return sorted(self.members[p].rank for p in gone + [position for position, _ in hung])
 
     def kill(self, position: int) -> None:
         """End a hung replica: through Ray, and by its pid where it runs on this node (ray.kill
         cannot end a stopped process); its peers stop waiting for it."""
-        ray.kill(self.actors[position], no_restart=True)
-        info = self.infos[position]
-        if info["node_id"] == ray.get_runtime_context().get_node_id():
+        member = self.members[position]
+        ray.kill(member.actor, no_restart=True)
+        if member.info["node_id"] == ray.get_runtime_context().get_node_id():
             try:
-                os.kill(info["pid"], signal.SIGKILL)
+                os.kill(member.info["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for other, actor in enumerate(self.actors):
+        for other, m in enumerate(self.members):
             if other != position:
-                actor.abandon.remote(position)
+                m.actor.abandon.remote(position)
 
-    def replace(self, lost: list[int]) -> tuple[list[int], list[int], list[str]]:
-        """Put a ready spare in the place of each lost position, or else start a replacement in its
+    def replace(self, lost: Sequence[int]) -> Replacement:
+        """Put a ready spare in the place of each lost rank, or else start a replacement in its
         bundle (Ray re-places a bundle whose node died, where it finds room) and give it
         replace_timeout; a spare's freed bundle gets a new spare, started in the background.
-        Returns the ranks replaced, the ranks dropped and the spares used; the group then holds
-        the survivors and the replacements, by rank."""
+        The group then holds the survivors and the replacements, by rank."""
         self.generation += 1
-        members = {rank: (actor, info, bundle) for p, (rank, actor, info, bundle)
-                   in enumerate(zip(self.ranks, self.actors, self.infos, self.bundles)) if p not in lost}
-        replaced, dropped, spares_used, started = [], [], [], {}
-        for p in lost:
-            rank, bundle = self.ranks[p], self.bundles[p]
-            spare = self._take_spare(rank)
-            if spare is not None:
-                actor, info, spare_bundle, name = spare
-                members[rank] = (actor, info, spare_bundle)
-                replaced.append(rank)
+        members = {m.rank: m for m in self.members if m.rank not in lost}
+        replaced, spares_used, started = [], [], {}
+        for member in (m for m in self.members if m.rank in lost):
+            taken = self._take_spare(member.rank)
+            if taken is not None:
+                members[member.rank], name = taken
+                replaced.append(member.rank)
                 spares_used.append(name)
-                self._add_spare(bundle)
+                self._add_spare(member.bundle)
             else:
-                started[rank] = (self._create(rank, bundle, f"replica-{rank}.{self.generation}"), bundle)
-        ready_refs = {rank: actor.ready.remote() for rank, (actor, _) in started.items()}
-        ready, _ = ray.wait(list(ready_refs.values()), num_returns=len(ready_refs),
-                            timeout=self.config.replace_timeout)
-        for rank, ref in ready_refs.items():
-            info = None
-            if ref in ready:
-                try:
-                    info = ray.get(ref)
-                except RayActorError:
-                    pass
-            actor, bundle = started[rank]
-            if info is None:
-                ray.kill(actor, no_restart=True)
-                dropped.append(rank)
-            else:
-                members[rank] = (actor, info, bundle)
-                replaced.append(rank)
-        self.ranks = sorted(members)
-        self.actors = [members[rank][0] for rank in self.ranks]
-        self.infos = [members[rank][1] for rank in self.ranks]
-        self.bundles = [members[rank][2] for rank in self.ranks]
-        return sorted(replaced), dropped, spares_used
+                name = f"{replica_name(member.rank)}.{self.generation}"
+                started[member.rank] = (self._create(member.rank, member.bundle, name), member.bundle)
+        built, dropped = await_started(started, self.config.replace_timeout)
+        members.update(built)
+        replaced += list(built)
+        self.members = [members[rank] for rank in sorted(members)]
+        return Replacement(sorted(replaced), dropped, spares_used)
 
     def close(self) -> None:
-        for actor in self.actors + [spare[0] for spare in self.spares]:
+        for actor in self.actors + [spare.actor for spare in self.spares]:
             ray.kill(actor)
         remove_placement_group(self.placement)
 
@@ -216,6 +268,49 @@ def replica_group(config: TrainConfig, run_name: str, **replica_args) -> Iterato
         yield group
     finally:
         group.close()
+
+
+def health(actors: Sequence, step_timeout: float) -> tuple[list[tuple[int, str]], list[int]]:
+    """One ping to every replica: (positions of those hung, with the reason; positions of the dead).
+    Hung: no answer to the ping, or one step computing for longer than step_timeout."""
+    pings = [a.ping.remote() for a in actors]
+    wait = min(PING_TIMEOUT_S, step_timeout)
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait)
+    hung, gone = [], []
+    for position, ping in enumerate(pings):
+        if ping not in ready:
+            hung.append((position, f"no answer to a ping within {wait:g} s"))
+            continue
+        try:
+            computing = ray.get(ping)["computing_s"]
+        except RayActorError:
+            gone.append(position)
+            continue
+        if computing is not None and computing > step_timeout:
+            hung.append((position, f"one step computing for {computing:.0f} s"))
+    return hung, gone
+
+
+def await_started(started: dict[int, tuple[Any, int]], timeout: float) -> tuple[dict[int, Member], list[int]]:
+    """Wait up to `timeout` for replacements (rank: (actor, bundle)) to be built: the members
+    ready by then, and the ranks of the others (killed)."""
+    ready_refs = {rank: actor.ready.remote() for rank, (actor, _) in started.items()}
+    ready, _ = ray.wait(list(ready_refs.values()), num_returns=len(ready_refs), timeout=timeout)
+    members, dropped = {}, []
+    for rank, ref in ready_refs.items():
+        info = None
+        if ref in ready:
+            try:
+                info = ray.get(ref)
+            except RayActorError:
+                pass
+        actor, bundle = started[rank]
+        if info is None:
+            ray.kill(actor, no_restart=True)
+            dropped.append(rank)
+        else:
+            members[rank] = Member(actor, rank, bundle, info)
+    return members, dropped
 
 
 def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str) -> str:
@@ -281,7 +376,7 @@ def _replica_error(actors: Sequence, error: Exception, kind: type = ReplicaError
 
 
 def _name(actors: Sequence, error: RayActorError) -> str:
-    named = re.search(r"\bname: replica-(\d+)", str(error))  # Ray's message names the dead actor
+    named = re.search(r"\bname: replica-(\d+)", str(error))  # Ray's message names the dead actor (replica_name)
     if named:
         return f"replica {named.group(1)}"
     ids = [a._actor_id.hex() for a in actors]

@@ -15,6 +15,11 @@ from tqdm import tqdm
 from .config import TrainConfig
 
 
+def replica_name(rank: int) -> str:
+    """What the console, the dashboard (actor names), metrics and records call replica `rank`."""
+    return f"replica-{rank}"
+
+
 def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
     """True for a 1 -> 1 linear model: one weight and one bias of one element each."""
     return (len(state) == 2 and all(t.numel() == 1 for t in state.values())
@@ -139,7 +144,8 @@ class RunDir:
         steps, epochs = self.records("step"), self.records("epoch")
         figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
         if steps:
-            axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="train loss (step)")
+            axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6,
+                      label="train loss (step)")
         axes.plot([r["steps"] for r in epochs], [r["loss"] for r in epochs], "o-", label="train loss (epoch mean)")
         evals = [r for r in epochs if r["eval_loss"] is not None]
         if evals:

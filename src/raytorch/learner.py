@@ -1,0 +1,183 @@
+"""Learner: one replica's PyTorch half. The model on its device, its flat gradient, optimizer,
+schedule and loss scaler: computes the gradient of a part of a batch, applies an all-reduced
+gradient, evaluates, and takes or loads a snapshot. Plain PyTorch: no Ray, no wire, no rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import fetch
+from .device import autocast
+from .optim import make_optimizer, make_schedule
+from .snapshot import Snapshot
+
+
+def attach_flat_grad(model: nn.Module) -> torch.Tensor:
+    """Give every trainable parameter a .grad that is a view into one contiguous buffer.
+
+    backward() then accumulates straight into the buffer, so one step hands over one array.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise TypeError(f"all trainable parameters must share one dtype for the flat gradient, got {dtypes}")
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class Learner:
+    """The model, optimizer, schedule and loss scaler of one replica, on `device`."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, model_fn: Callable[[], nn.Module],
+                 loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
+        self.device = device
+        self.model = model_fn().to(self.device)
+        self.model.load_state_dict(init_state)
+        self.loss_fn = loss_fn
+        self.train_set, self.eval_set = train_set, eval_set
+        self.flat_grad = attach_flat_grad(self.model)
+        # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
+        # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
+        # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
+        def pinned() -> torch.Tensor:
+            return torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True)
+
+        on_cpu = self.device.type == "cpu"
+        self.host_grad, self.staging = (self.flat_grad, self.flat_grad) if on_cpu else (pinned(), pinned())
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
+        self.grad_clip, self.accumulate = config.grad_clip, config.accumulate
+        self.precision = config.precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        if self.scaler is not None:
+            self.scaler.scale(torch.ones((), device=self.device))  # creates its scale now: a replica may sit out step 0
+        self.schedule = make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps)
+        # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
+        # PyTorch's warning about a schedule step without an optimizer step does not apply.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        self.computing_since: Optional[float] = None  # set while a forward and backward run
+        self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
+
+    def gradient(self, indices: np.ndarray, share: float) -> tuple[float, Optional[str]]:
+        """The gradient of the mean loss over the samples at `indices` (a part of `share` of the
+        global batch), into flat_grad, and on its way to `staging`. Returns the local mean loss and
+        what of it or the gradient is not finite (None where both are)."""
+        self.computing_since = time.monotonic()
+        self.flat_grad.zero_()
+        value = 0.0
+        # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
+        # summed gradient is the part's mean-loss gradient, as one pass would give
+        for micro in np.array_split(indices, min(self.accumulate, len(indices))):
+            x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, micro))
+            with autocast(self.device, self.precision):
+                loss = self.loss_fn(self.model(x), y) * (len(micro) / len(indices))
+            if self.scaler is None:
+                loss.backward()
+            else:
+                # fp16: backward of this replica's part of the global mean loss, times the loss scale,
+                # so its fp16 gradients have the magnitudes one process's would (and overflow alike);
+                # the all-reduce is then a plain sum, unscaled by the scaler (see update)
+                (self.scaler.scale(loss) * share).backward()
+            value += loss.item()
+        what = self._nonfinite(value)
+        self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
+        self.computing_since = None
+        if self.staging is not self.flat_grad:
+            self.staging.copy_(self.flat_grad, non_blocking=True)
+            # also orders any earlier host-to-device copy of host_grad before it is written again
+            torch.cuda.current_stream(self.device).synchronize()
+        return value, what
+
+    def _nonfinite(self, loss: float) -> Optional[str]:
+        """What is not finite: the loss, the gradient, or nothing (None)."""
+        # One reduction over the gradient: NaN and inf propagate through a sum (it also flags a
+        # gradient whose sum overflows float32: a run that far gone has diverged anyway).
+        # With fp16 an overflowing gradient is the loss scaler's business: it skips that step.
+        return (f"loss {loss}" if not math.isfinite(loss)
+                else None if self.scaler is not None or torch.isfinite(self.flat_grad.sum())
+                else "gradient with NaN or inf")
+
+    def update(self, finite: bool) -> None:
+        """Step with the all-reduced gradient in host_grad; with `finite` false (on_nonfinite
+        'skip'), drop the update. The schedule steps either way."""
+        if finite:  # the same test on the same numbers: every replica decides alike
+            if self.host_grad is not self.flat_grad:
+                self.flat_grad.copy_(self.host_grad, non_blocking=True)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
+            if self.grad_clip is not None:  # on the reduced gradient: the same on every replica
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # step unless the (same, everywhere) reduced gradient overflowed; adapt the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        self.schedule.step()
+
+    def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
+        """Mean loss over the eval samples at `indices`, in chunks of `chunk`, and, for a classifier
+        (outputs of shape (n, classes) against integer labels), the fraction classified right.
+        (None, None) where there are no samples."""
+        if len(indices) == 0:
+            return None, None
+        self.model.eval()
+        total, correct, classifier = 0.0, 0, True
+        with torch.no_grad(), autocast(self.device, self.precision):
+            for start in range(0, len(indices), chunk):
+                part = indices[start:start + chunk]
+                x, y = (t.to(self.device) for t in fetch(self.eval_set, part))
+                output = self.model(x)
+                total += self.loss_fn(output, y).item() * len(part)
+                classifier = classifier and output.dim() == 2 and output.shape[1] > 1 and not y.is_floating_point()
+                if classifier:
+                    correct += (output.argmax(dim=1) == y).sum().item()
+        self.model.train()
+        return total / len(indices), (correct / len(indices) if classifier else None)
+
+    def snapshot(self, steps: int, losses: dict[int, float]) -> Snapshot:
+        """This state after `steps` updates, with the given losses of applied steps."""
+        return Snapshot(model=self.state(), optimizer=self.optimizer.state_dict(),
+                        schedule=self.schedule.state_dict(), rng=torch.get_rng_state(),
+                        scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                        steps=steps, losses=losses)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.model.load_state_dict(snapshot.model)
+        self.optimizer.load_state_dict(snapshot.optimizer)
+        self.schedule.load_state_dict(snapshot.schedule)
+        torch.set_rng_state(snapshot.rng)
+        if self.scaler is not None and snapshot.scaler:
+            self.scaler.load_state_dict(snapshot.scaler)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of the parameters, the flat gradient and the optimizer's state."""
+        return {
+            "params": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "grad": self.flat_grad.numel() * self.flat_grad.element_size(),
+            "optimizer": sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                             for t in state.values() if torch.is_tensor(t)),
+        }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict, on CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def digest(self) -> str:
+        """SHA-256 of the parameters' bytes: equal digests mean bit-identical replicas."""
+        h = hashlib.sha256()
+        for p in self.model.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,172 @@
+"""EpochLoop: the run from where it stands to its end, epoch by epoch, recovering from lost
+replicas without leaving the loop."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import RunCheckpoints
+from .config import TrainConfig
+from .errors import ReplicaLost
+from .group import ReplicaGroup
+from .output import RunOutput
+from .pipeline import StepPipeline
+from .position import Position
+from .recovery import Recovery, RecoveryPolicy
+from .reduce import weighted_mean
+from .report import replica_name
+from .result import TrainResult
+from .runplan import RunPlan
+from .sharding import split_batch
+
+
+class EpochLoop:
+    """Runs `plan` on `group` from `at`: steps, evaluation, early stopping, logs, checkpoints."""
+
+    def __init__(self, config: TrainConfig, group: ReplicaGroup, plan: RunPlan, at: Position, output: RunOutput,
+                 checkpoints: RunCheckpoints, eval_size: int, scalar_linear: bool, fit_started: float):
+        self.config, self.group, self.plan, self.at = config, group, plan, at
+        self.output, self.checkpoints = output, checkpoints
+        self.eval_size = eval_size
+        self.scalar_linear = scalar_linear  # the seed's model: each epoch's line shows w and b
+        self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept)
+        self.recovery = Recovery(config, group, self.pipeline, output, plan, RecoveryPolicy(config.min_workers),
+                                 self.checkpoint, checkpoints.kept)
+        self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
+        self.epoch_times: list[float] = []
+        self.epoch_started: Optional[float] = None
+        self.fit_started = fit_started
+        self.first_step_s = 0.0
+        self.pipeline.after_next_step(self._first_step)
+
+    def run(self, model: nn.Module) -> TrainResult:
+        """The epoch loop; returns the result with `model` holding the trained weights."""
+        at, started = self.at, time.perf_counter()
+        while at.epoch < self.plan.epochs:
+            batches = self.plan.batches_of(at.epoch)
+            if self.epoch_started is None:  # not again when the epoch goes on after a loss
+                self.epoch_started = time.perf_counter()
+            try:
+                # steps of the epoch, from where the run stands (after a loss or a resume: mid-epoch)
+                self.steps(batches)
+                epoch_time = time.perf_counter() - self.epoch_started
+                # evaluate: each replica scores a contiguous part of the eval set (an early stop
+                # mid-epoch has just done so)
+                eval_loss, accuracy = self.last_eval if at.stopped else self.evaluate()
+                # early-stop check
+                if not at.stopped and eval_loss is not None:
+                    self.judge(eval_loss, accuracy, self.plan.first_step(at.epoch) + len(batches))
+                state = self.group.first("state") if self.scalar_linear else None
+            except ReplicaLost as lost:
+                # recover: replace the lost replicas, bring all to the most advanced survivor's step
+                self.recovery.recover(lost, at, batches)
+                continue
+            # log: the seed's line, a metrics record, the dashboard's gauges
+            self.log_epoch(eval_loss, accuracy, state, epoch_time)
+            if at.stopped:
+                break
+            # checkpoint: the next epoch starts from here
+            at.next_epoch()
+            self.epoch_started = None
+            self.checkpoint()
+        return self.finish(model, time.perf_counter() - started)
+
+    def steps(self, batches: list) -> None:
+        """The epoch's steps from at.index on, stopping where a checkpoint or an evaluation is due."""
+        at = self.at
+        self.output.epoch_started(at, len(batches))
+        self.pipeline.start_epoch(at)
+        while at.index < len(batches) and not at.stopped:
+            step = self.plan.first_step(at.epoch) + at.index
+            end = min([len(batches)] + [at.index + every - step % every
+                                        for every in (self.config.checkpoint_every, self.config.eval_every) if every])
+            self.pipeline.run(at, batches, end)
+            if end < len(batches):  # mid-epoch: a checkpoint and/or an evaluation is due (the epoch's end has its own)
+                self.midway(self.plan.first_step(at.epoch) + end)
+        self.output.epoch_steps_done()
+
+    def midway(self, step: int) -> None:
+        """A checkpoint and/or an evaluation (which may stop the run early) after global step `step`."""
+        config = self.config
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            self.checkpoint()
+        if config.eval_every and step % config.eval_every == 0:
+            self.last_eval = loss, accuracy = self.evaluate()
+            self.output.evaluated(self.at.epoch, step, loss, accuracy)
+            self.judge(loss, accuracy, step)
+
+    def evaluate(self) -> tuple[Optional[float], Optional[float]]:
+        """Eval loss (and a classifier's accuracy) over the eval set, each replica scoring a part."""
+        if not self.eval_size:
+            return None, None
+        parts = split_batch(torch.arange(self.eval_size), self.group.size)
+        scores = self.group.call_each("evaluate", [(p.numpy(), self.config.batch_size) for p in parts])
+        sizes = [len(p) for p in parts]
+        loss = weighted_mean([value or 0.0 for value, _ in scores], sizes)
+        classifier = all(right is not None for (_, right), n in zip(scores, sizes) if n)
+        return loss, weighted_mean([right or 0.0 for _, right in scores], sizes) if classifier else None
+
+    def judge(self, loss: float, accuracy: Optional[float], step: int) -> None:
+        """Early stopping: count evaluations without improvement of early_stop_metric."""
+        config = self.config
+        if not config.early_stop_patience:
+            return
+        by_loss = config.early_stop_metric == "eval_loss"
+        value = loss if by_loss else -(accuracy if accuracy is not None else 0.0)
+        if self.at.judge(value, config.early_stop_patience):
+            self.output.early_stop(step, self.at.best if by_loss else -self.at.best, self.at.since_best)
+
+    def log_epoch(self, eval_loss: Optional[float], accuracy: Optional[float], state: Optional[dict],
+                  epoch_time: float) -> None:
+        at = self.at
+        running = at.running_loss()
+        at.epoch_losses.append(math.nan if running is None else running)
+        self.epoch_times.append(epoch_time)
+        if eval_loss is not None:
+            at.eval_losses.append(eval_loss)
+        if accuracy is not None:
+            at.eval_accuracies.append(accuracy)
+        steps, samples = self.done()  # all of the epoch's steps, unless stopped early
+        self.output.epoch_ended(at.epoch, at, eval_loss, accuracy, state, steps, samples, epoch_time)
+
+    def done(self) -> tuple[int, int]:
+        """Steps and samples behind where the run stands, within its epoch."""
+        at = self.at
+        return self.plan.first_step(at.epoch) + at.index, self.plan.samples_through(at.epoch - 1) + sum(at.counts)
+
+    def checkpoint(self):
+        """A checkpoint of where the run stands (the first replica's state), where output_dir is set."""
+        if not self.checkpoints.enabled:
+            return None
+        snapshot = self.group.first("snapshot", 0)
+        path = self.checkpoints.save(snapshot, self.at, self.plan.first_step(self.at.epoch))
+        self.output.checkpointed(snapshot.steps, path)
+        return path
+
+    def finish(self, model: nn.Module, wall_s: float) -> TrainResult:
+        """The closing lines, and the result, with `model` loaded with the replicas' weights."""
+        at, group, pipeline = self.at, self.group, self.pipeline
+        steps, samples = self.done() if at.stopped else (self.plan.total_steps,
+                                                          self.plan.samples_through(self.plan.epochs - 1))
+        digests, memory = group.call_all("digest"), group.call_all("memory")
+        self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
+                             digests)
+        model.load_state_dict(group.first("state"))
+        return TrainResult(
+            epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies, model=model,
+            steps=steps, samples=samples, wall_time_s=wall_s, replica_digests=digests, epoch_times_s=self.epoch_times,
+            time_to_first_step_s=self.first_step_s, replica_memory=memory, restarts=at.restarts,
+            skipped_steps=at.skipped,
+            replica_samples={replica_name(rank): n for rank, n in sorted(pipeline.replica_samples.items())})
+
+    def abandon(self) -> None:
+        """The run stops on an error: the calls still in flight fail too; take their errors quietly."""
+        self.pipeline.drain(timeout=5.0)
+
+    def _first_step(self, now: float) -> None:
+        self.first_step_s = now - self.fit_started
