@@ -58,7 +58,8 @@ def raytorch_run(workload, device: str, steps: int, workers: int = 1, precision:
     config = TrainConfig(workers=workers, epochs=epochs, batch_size=workload.batch_size, lr=workload.lr,
                          optimizer="sgd", shuffle=False, device=device, precision=precision,
                          gpus_per_replica=gpus if device == "cuda" else None, **more)
-    return Trainer(config, model_fn=workload.model_fn, dataset_fn=partial(workload.data_fn, workload.batch_size * steps),
+    return Trainer(config, model_fn=workload.model_fn,
+                   dataset_fn=partial(workload.data_fn, workload.batch_size * steps),
                    loss_fn=workload.loss_fn, quiet=True).fit()
 
 

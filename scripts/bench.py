@@ -114,7 +114,6 @@ def make_runs(workers: int) -> dict:
 def memory_check(workers: int, steps: int) -> dict:
     """Driver RSS and object-store use around long runs; each replica's memory against its budget."""
     from raytorch import TrainConfig, Trainer
-
     from workloads import WORKLOADS as W
 
     report = {}

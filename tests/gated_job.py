@@ -13,10 +13,9 @@ from functools import partial
 
 import torch.nn.functional as F
 
+from faults import Gated
 from raytorch import TrainConfig, Trainer
 from raytorch.builtins import linear_data
-
-from faults import Gated
 
 
 def main(address: str, gate: str, output_dir: str) -> None:

@@ -33,11 +33,10 @@ import ray
 import torch.nn.functional as F
 from ray.cluster_utils import Cluster
 
-from raytorch import TrainConfig, Trainer
-from raytorch.builtins import linear, linear_data
-
 from faults import Gated
 from polling import wait_for
+from raytorch import TrainConfig, Trainer
+from raytorch.builtins import linear, linear_data
 
 # The one job, shared with the test that checks it against plain PyTorch.
 JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)

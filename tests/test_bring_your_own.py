@@ -13,7 +13,6 @@ import yaml
 from raytorch import ConfigError, TrainConfig, Trainer
 from raytorch.cli import main
 from raytorch.resolve import load, loss_function, training
-
 from reference import assert_same_parameters, train_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +26,13 @@ def test_import_paths_and_loss_names():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model", "nowhere.at_all:model", r"model: cannot import nowhere\.at_all \(ModuleNotFoundError: No module named 'nowhere'\)"),
+    ("model", "nowhere.at_all:model",
+     r"model: cannot import nowhere\.at_all \(ModuleNotFoundError: No module named 'nowhere'\)"),
     ("model", "user_code:missing", r"model: user_code has no 'missing'"),
     ("dataset", "user_code:broken", r"dataset: calling broken\(\) failed: RuntimeError: no data today"),
     ("loss", "Hinge", r"loss: 'Hinge' is not a torch.nn loss; use one of .*CrossEntropyLoss"),
-    ("model", "resnet", r"model: unknown model 'resnet'; choose one of linear, mlp, or give your own as pkg\.module:factory"),
+    ("model", "resnet",
+     r"model: unknown model 'resnet'; choose one of linear, mlp, or give your own as pkg\.module:factory"),
 ])
 def test_bad_names_say_what_failed(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -33,7 +33,8 @@ def test_default_job_reproduces_the_seed_note():
     assert abs(w - 2) < 0.01 and abs(b - 1) < 0.05, proc.stdout
     final = re.search(r"^Final loss is: ([\d.]+)$", proc.stdout, re.M)
     assert final and float(final.group(1)) < 0.01
-    assert re.search(r"^Run raytorch-[\w-]+: Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)  # the local Ray stayed on loopback
+    # the local Ray stayed on loopback
+    assert re.search(r"^Run raytorch-[\w-]+: Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)
     assert re.search(r"^Done: 1000 steps on 2 replicas in [\d.]+ s \([\d,]+ samples/s\); last epoch loss [\d.]+, "
                      r"eval loss [\d.]+$", proc.stdout, re.M)
 
@@ -113,7 +114,8 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     config = TrainConfig(workers=64, batch_size=64, resource_timeout=2)
     with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU each after 2 s: the cluster has 1 node"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
-    assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in out
 
 
 def test_quiet_prints_nothing_and_still_trains(tmp_path):

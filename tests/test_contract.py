@@ -1,8 +1,8 @@
 """The training contract: W replicas train exactly what one plain PyTorch process trains."""
 
 import json
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +11,6 @@ import yaml
 
 from raytorch import TrainConfig, Trainer
 from raytorch.builtins import classification_data, linear, linear_data, mlp
-
 from reference import assert_same_parameters, train_reference
 
 # Sizes chosen so the dataset is a multiple of neither B nor W, and (linear, W=3) the last

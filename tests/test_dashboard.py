@@ -47,7 +47,8 @@ def test_a_run_in_the_state_api_the_jobs_page_prometheus_and_its_run_directory(r
          str(run_dir)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(TESTS)})
     try:
         first = driver.stdout.readline()
-        run, dashboard = re.match(r"Run (raytorch-[\w-]+): Ray at 127\.0\.0\.1:\d+, dashboard http://(\S+)", first).groups()
+        started = re.match(r"Run (raytorch-[\w-]+): Ray at 127\.0\.0\.1:\d+, dashboard http://(\S+)", first)
+        run, dashboard = started.groups()
         wait_for(lambda: len(list(gate.glob("reached-*"))) == 2 or driver.poll() is not None, "replicas at the gate")
         assert driver.poll() is None
         # the state API: named replicas in the run's namespace, their repr naming the run
@@ -129,7 +130,8 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        wait_for(lambda: get_json(f"{address}/api/version", token(), deadline_s=WAIT_S)[0] == 200, "the head's dashboard")
+        wait_for(lambda: get_json(f"{address}/api/version", token(), deadline_s=WAIT_S)[0] == 200,
+                 "the head's dashboard")
         name = f"submitted-{os.getpid()}"
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
@@ -140,7 +142,8 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
         job_id = re.search(r"Job '(\S+)' submitted successfully", submit.stdout).group(1)
         logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id], env=env,
                               capture_output=True, text=True, timeout=60)
-        assert re.search(r"^Epoch 0: loss=", logs.stdout, re.M) and re.search(r"^Epoch 1: loss=", logs.stdout, re.M), logs
+        assert re.search(r"^Epoch 0: loss=", logs.stdout, re.M), logs
+        assert re.search(r"^Epoch 1: loss=", logs.stdout, re.M), logs
         assert f"Ray at 127.0.0.1:{ports['port']}" in logs.stdout  # joined the head, on loopback
         status, jobs = get_json(f"{address}/api/jobs/", token())
         [job] = [j for j in jobs if j.get("submission_id") == job_id]

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from raytorch import TrainConfig, Trainer
 from raytorch.data import ArrayDataset, NpyDataset, fetch
-
 from reference import assert_same_parameters
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytorch import ConfigError, TrainConfig
-
 from multinode_job import DATA, JOB, LOSS, MODEL
+from raytorch import ConfigError, TrainConfig
 from reference import assert_same_parameters, train_reference
 
 JOB_SCRIPT = Path(__file__).with_name("multinode_job.py")

@@ -14,7 +14,6 @@ from raytorch.device import resolve_device
 from raytorch.plan import plan_steps
 from raytorch.replica import Replica
 from raytorch.sharding import global_batches
-
 from reference import assert_same_parameters
 
 

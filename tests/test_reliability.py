@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from faults import Gated, Poisoned
+from polling import wait_for
 from raytorch import CheckpointError, NonFiniteError, ReplicaError, TrainConfig, Trainer
 from raytorch.builtins import linear_data
 from raytorch.checkpoint import listed
-
-from faults import Gated, Poisoned
-from polling import wait_for
 from reference import assert_same_parameters, train_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +112,8 @@ def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path
     assert restart["replicas"] == ["replica-1"] and restart["cause"] == cause
     assert restart["replaced"] == ["replica-1"] and restart["workers"] == 2
     assert restart["spares_used"] == ["spare-2"] * spares  # the spare sits in bundle 2
-    assert 38 <= restart["step"] < 60  # hit in epoch 1: the gate holds replicas at step 39 (ray.kill lands a little later)
+    # hit in epoch 1: the gate holds replicas at step 39 (ray.kill lands a little later)
+    assert 38 <= restart["step"] < 60
     assert restart["recovery_s"] > 0
     out = capsys.readouterr().out
     assert "restarts: 1 (replica-1, step" in out and "recovered: first step after the loss" in out
@@ -137,7 +137,8 @@ def test_below_min_workers_the_run_stops_with_a_checkpoint_and_resumes(ray_local
     run = tmp_path / "run"
     folder, trainer = gated_run(tmp_path, workers=2, min_workers=2, replace_timeout=0.001, output_dir=str(run))
     injector = inject(folder, 2, sigkill)
-    with pytest.raises(ReplicaError, match=r"1 replicas left, fewer than min_workers=2; checkpoint .*step-0000000(39|40)\.pt"):
+    with pytest.raises(ReplicaError,
+                       match=r"1 replicas left, fewer than min_workers=2; checkpoint .*step-0000000(39|40)\.pt"):
         trainer.fit()
     injector.join()
     config = TrainConfig(**JOB, workers=2, output_dir=str(run))
@@ -195,7 +196,8 @@ def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
     run = tmp_path / "run"
     Trainer(TrainConfig(**{**JOB, "epochs": 1}, output_dir=str(run)), model_fn=partial(torch.nn.Linear, 1, 1),
             dataset_fn=DATA, loss_fn=F.mse_loss, quiet=True).fit()
-    with pytest.raises(CheckpointError, match=r"trained with lr=0.0001, this run asks for 0.5: resume with the same lr"):
+    with pytest.raises(CheckpointError,
+                       match=r"trained with lr=0.0001, this run asks for 0.5: resume with the same lr"):
         Trainer(TrainConfig(**{**JOB, "epochs": 1, "lr": 0.5}), model_fn=partial(torch.nn.Linear, 1, 1),
                 dataset_fn=DATA, loss_fn=F.mse_loss, resume_from=str(run), quiet=True).fit()
     with pytest.raises(CheckpointError, match=r"nothing to resume from in .*no checkpoint in"):
@@ -206,7 +208,8 @@ def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
 def test_killed_driver_rerun_with_resume_finishes_the_job(ray_local, tmp_path):
     """The driver process is SIGKILLed after a checkpoint; the same command with --resume finishes."""
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--address", ray_local.get_runtime_context().gcs_address,
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"),
+               "--address", ray_local.get_runtime_context().gcs_address,
                "--epochs", "3", "--batch-size", "16", "--lr", "1e-4", "--optimizer", "sgd", "--seed", "3",
                "--workers", "2", "--output-dir", str(run), "--checkpoint-every", "50"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from faults import straggling
 from raytorch import TrainConfig, Trainer
 from raytorch.balance import SpeedEstimate
 from raytorch.builtins import classification_data, mlp
 from raytorch.plan import plan_steps
 from raytorch.replica import Replica
 from raytorch.sharding import global_batches, proportional_sizes, split_batch
-
-from faults import straggling
 from reference import assert_same_parameters, train_reference
 
 
@@ -159,7 +158,7 @@ def test_adaptive_split_on_ray_keeps_the_contract(ray_local, tmp_path, reduction
     assert splits[0] == splits[1] == [11, 11, 10]  # even until measured (the first step is warm-up)
     # from the next call on, the straggler (whichever replica claimed the part) takes the smallest
     # part of each batch, but at least one sample: it stays measured
-    assert all(1 <= min(s) <= 3 and max(s) - min(s) >= 10 for s in splits[7:] if sum(s) == 32)
+    assert all(1 <= min(s) <= 3 and max(s) - min(s) >= 10 for s in splits[7:] if sum(s) == 32), splits
     counts = result.replica_samples
     assert sorted(counts) == ["replica-0", "replica-1", "replica-2"] and sum(counts.values()) == 2 * 200
     assert min(counts.values()) < 0.5 * max(counts.values())  # epoch 0 ran mostly even
