@@ -3,6 +3,7 @@
 
     python scripts/bench.py                        # all workloads, W=2, 3 alternating rounds
     python scripts/bench.py --workloads mlp --rounds 1 --json bench.json
+    python scripts/bench.py --allreduce            # the all-reduce alone, W = 2, 4, 8 (benchmarks/allreduce.py)
 
 Ray Train needs the `bench` extra (pip install -e '.[bench]'); without it that column is skipped.
 Same model, data order, global batch and SGD everywhere; every distributed worker gets 1 torch
@@ -40,6 +41,9 @@ def main() -> int:
     parser.add_argument("--straggler", action="store_true",
                         help="only the straggler case: W=2, one replica's core shared with a busy loop; raytorch even "
                              "vs --split adaptive vs Ray Train (needs 2 cores)")
+    parser.add_argument("--allreduce", action="store_true",
+                        help="only the all-reduce: seconds per all-reduce of 7.4 MB and 100 MB at W = 2, 4, 8 "
+                             "(all-to-all vs reduce-scatter + all-gather vs gloo), and a raytorch step at W = 2 vs 8")
     args = parser.parse_args()
     from raytorch.cluster import keep_on_loopback
 
@@ -49,6 +53,12 @@ def main() -> int:
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}})
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    if args.allreduce:
+        import allreduce
+
+        save({"allreduce": allreduce.main(args.rounds)}, args.json)
+        ray.shutdown()
+        return 0
     if args.straggler:
         import straggler
 

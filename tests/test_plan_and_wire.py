@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raytorch.plan import plan_steps, steps_per_call
+from raytorch.reduce import chunk_bounds, weighted_sum
 from raytorch.wire import PeerFailed, SharedMemoryWire, shared_memory_available
 
 
@@ -43,7 +44,7 @@ needs_shm = pytest.mark.skipif(not shared_memory_available(), reason="needs /dev
 
 
 def _pair(tmp_prefix):
-    wires = [SharedMemoryWire(r, 4, np.float32, tmp_prefix) for r in range(2)]
+    wires = [SharedMemoryWire(r, 4, np.float32, tmp_prefix, world=2) for r in range(2)]
     for w in wires:
         w.attach({0: wires[0].paths, 1: wires[1].paths}, {})
     for w in wires:
@@ -67,7 +68,7 @@ def test_fresh_buffers_for_a_replica_that_resumes_at_a_later_step(request):
     """After a recovery every replica is at step s: the counters start there, so nobody waits for
     steps before s."""
     prefix = f"raytorch-test-{request.node.name}"
-    a, b = (SharedMemoryWire(r, 4, np.float32, prefix, step=40) for r in range(2))
+    a, b = (SharedMemoryWire(r, 4, np.float32, prefix, step=40, world=2) for r in range(2))
     for w in (a, b):
         w.attach({0: a.paths, 1: b.paths}, {})
     for w in (a, b):
@@ -103,3 +104,64 @@ def test_a_failed_peer_stops_the_wait(request):
     a.fail()
     with pytest.raises(PeerFailed, match="replica 0 failed"):
         b.read((0, 3))
+
+
+@pytest.mark.parametrize("numel", [1, 63, 64, 1000, 12_345])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_chunks_cover_the_buffer_in_order_on_block_boundaries(numel, parts):
+    bounds = chunk_bounds(numel, parts)
+    assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == numel
+    assert all(hi == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))  # contiguous, in order
+    assert all(lo <= hi and (lo % 64 == 0 or lo == hi) for lo, hi in bounds)  # a chunk starts on a block
+    sizes = [hi - lo for lo, hi in bounds]
+    filled = [size for size in sizes if size]
+    whole = filled[:-1]  # the last non-empty chunk holds the remainder; empty ones come after it
+    assert sizes[:len(filled)] == filled
+    assert all(size % 64 == 0 for size in whole) and (not whole or max(whole) - min(whole) <= 64)
+    assert filled[-1] <= max(filled)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 8])
+def test_a_sum_chunk_by_chunk_has_the_bits_of_one_pass(parts):
+    generator = torch.Generator().manual_seed(parts)
+    grads = [torch.randn(100_003, generator=generator).numpy() for _ in range(3)]
+    weights = [0.3, 0.45, 0.25]
+    whole = weighted_sum(grads, weights, out=torch.empty(100_003))
+    chunked = torch.empty(100_003)
+    for lo, hi in chunk_bounds(100_003, parts):
+        weighted_sum([g[lo:hi] for g in grads], weights, out=chunked[lo:hi])
+    assert torch.equal(whole, chunked)
+
+
+@needs_shm
+@pytest.mark.parametrize("world", [1, 3, 5])
+def test_reduce_scatter_all_gather_gives_every_replica_the_bits_of_a_plain_sum(request, world):
+    """Replicas as threads, each with its own wire: the reduced gradient equals weighted_sum over
+    the whole gradients, bit for bit, on every replica, for two steps in a row (both buffers)."""
+    numel, prefix = 10_007, f"raytorch-test-{request.node.name}-{world}"
+    wires = [SharedMemoryWire(r, numel, np.float32, prefix, world=world) for r in range(world)]
+    paths = {r: w.paths for r, w in enumerate(wires)}
+    for w in wires:
+        w.attach(paths, {})
+    for w in wires:
+        w.unlink()
+    generator = torch.Generator().manual_seed(world)
+    for step in range(2):
+        grads = [torch.randn(numel, generator=generator) for _ in range(world)]
+        weights = [1 / world] * world
+        expected = weighted_sum([g.numpy() for g in grads], weights, out=torch.empty(numel))
+        outs = [torch.empty(numel) for _ in range(world)]
+        losses = []
+
+        def replica(r):
+            wires[r].publish(grads[r], step, loss=float(r))
+            losses.append(wires[r].all_reduce([(q, step) for q in range(world)], weights, outs[r]))
+            wires[r].applied(step)
+
+        threads = [threading.Thread(target=replica, args=(r,)) for r in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert all(torch.equal(out, expected) for out in outs)
+        assert losses == [[float(q) for q in range(world)]] * world

@@ -323,7 +323,7 @@ def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str) -
     if reduction == "object_store" or not possible:
         gather(actors, [a.use_object_store.remote() for a in actors])
         return "object_store"
-    paths = gather(actors, [a.share_memory.remote(prefix, position) for position, a in enumerate(actors)])
+    paths = gather(actors, [a.share_memory.remote(prefix, position, len(actors)) for position, a in enumerate(actors)])
     pids = {position: info["pid"] for position, info in enumerate(infos)}
     gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
     gather(actors, [a.unlink_shared.remote() for a in actors])

@@ -42,3 +42,23 @@ def weighted_mean(values: Sequence[float], counts: Sequence[int]) -> float:
     """Sample-weighted mean of per-part mean values (losses): sum n_r v_r / sum n_r."""
     total = sum(counts)
     return sum(v * n for v, n in zip(values, counts)) / total
+
+
+def chunk_bounds(numel: int, parts: int, align: int = 64) -> list[tuple[int, int]]:
+    """[lo, hi) of each part's contiguous chunk of a flat buffer of `numel` elements, in order.
+
+    Near-equal in whole blocks of `align` elements (the last chunk takes the remainder; with fewer
+    blocks than parts, the last chunks are empty). Starting every chunk on a block boundary keeps
+    the vectorized sum's lanes where one pass over the whole buffer has them, so a sum done chunk
+    by chunk has the same bits as one done at once.
+    """
+    if parts < 1:
+        raise ValueError(f"need at least one part, got {parts}")
+    blocks = -(-numel // align)
+    base, extra = divmod(blocks, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = min(numel, start + (base + (part < extra)) * align)
+        bounds.append((start, end))
+        start = end
+    return bounds

@@ -22,7 +22,6 @@ from .config import TrainConfig
 from .device import replica_device, torch_threads
 from .errors import NonFiniteError, PeerError, ReplicaError
 from .learner import Learner
-from .reduce import weighted_sum
 from .report import replica_name
 from .snapshot import Snapshot
 from .telemetry import ReplicaMetrics
@@ -162,11 +161,10 @@ class Replica:
         started = time.perf_counter()
         weights, routes = reduce
         items = [grads[route] if isinstance(route, int) else route for route in routes]
-        parts = [self.wire.read(item) for item in items]
-        loss = sum(w * part_loss for w, (_, part_loss) in zip(weights, parts))
         # fp16 gradients arrive weighted by their share already (see Learner.gradient): sum them
         summed = [1.0] * len(weights) if self.scaler is not None else weights
-        weighted_sum([grad for grad, _ in parts], summed, out=self.learner.host_grad)
+        losses = self.wire.all_reduce(items, summed, out=self.learner.host_grad)
+        loss = sum(w * part_loss for w, part_loss in zip(weights, losses))
         reduced = time.perf_counter() - started
         self.wire.applied(self.steps)
         self.loss_log.append((self.steps, loss))
@@ -175,11 +173,11 @@ class Replica:
         self.steps += 1
         return reduced
 
-    def share_memory(self, prefix: str, position: int) -> list[str]:
-        """Switch to (fresh) shared-memory wire buffers at `position` among the replicas (all on one
-        node); returns this replica's buffer paths."""
+    def share_memory(self, prefix: str, position: int, world: int) -> list[str]:
+        """Switch to (fresh) shared-memory wire buffers at `position` among `world` replicas (all on
+        one node); returns this replica's buffer paths."""
         grad = self.learner.host_grad
-        self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps)
+        self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
         return self.wire.paths
 
     def adopt(self, rank: int) -> None:
@@ -234,7 +232,7 @@ class Replica:
     def memory(self) -> dict[str, int]:
         """Bytes this replica holds: its buffers by size, and its measured memory above the baseline."""
         held = self.learner.memory()
-        return {**held, "wire_buffers": 2 * held["grad"] if self.wire.kind == "shared_memory" else 0,
+        return {**held, "wire_buffers": self.wire.buffer_bytes,
                 "pss_above_baseline": proportional_set_size() - self.baseline_pss}
 
     def state(self) -> dict[str, torch.Tensor]:

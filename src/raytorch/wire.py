@@ -1,8 +1,9 @@
 """How a replica hands its gradient to its peers: the transport half of the all-reduce.
 
 The driver decides every step and tells each replica which gradients to sum, with which weights;
-a wire decides how those gradients travel. Both give every replica the same arrays in the same
-order, so the reduced gradient has the same bits either way.
+a wire decides how those gradients travel. Every wire sums each element over the same gradients,
+with the same weights, in the same (rank) order, so the reduced gradient has the same bits on
+every replica and on every wire.
 """
 
 from __future__ import annotations
@@ -11,15 +12,31 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from .reduce import chunk_bounds, weighted_sum
+
 SHM_DIR = Path("/dev/shm")
 PEER_TIMEOUT_S = 120.0
-PUBLISHED, APPLIED, FAILED = 0, 1, 2  # a replica's control block: two step counters, a flag,
-LOSS = 3  # and the local loss published with each of the two gradient buffers (float64 bits)
+# A replica's control block: three step counters (gradient published, reduced chunk published,
+# update applied), a flag, and the local loss published with each of the two gradient buffers
+# (float64 bits).
+PUBLISHED, APPLIED, FAILED, REDUCED = 0, 1, 2, 3
+LOSS = 4
+CONTROL = LOSS + 2
 LIVENESS_CHECK_S = 0.1
+
+
+class Buffers(NamedTuple):
+    """A replica's shared-memory buffers: two gradients and two reduced chunks (alternating by
+    step), and its control block."""
+
+    grads: list[np.ndarray]
+    reduced: list[np.ndarray]
+    control: np.ndarray
 
 
 class PeerFailed(RuntimeError):
@@ -33,6 +50,7 @@ class ObjectStoreWire:
 
     kind = "object_store"
     waited = 0.0  # Ray resolves the peers' gradients before a call starts: no wait inside one
+    buffer_bytes = 0  # the object store holds the gradients
 
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[np.ndarray, float]:
         return flat.detach().cpu().numpy(), loss
@@ -40,6 +58,11 @@ class ObjectStoreWire:
     def read(self, item: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
         """A peer's gradient and the local loss that came with it."""
         return item
+
+    def all_reduce(self, items: Sequence, weights: Sequence[float], out: torch.Tensor) -> list[float]:
+        """out = sum of weights[i] * gradient i, in order; returns each gradient's local loss. Every
+        replica reads every routed gradient whole: fine within a node, where Ray maps them zero-copy."""
+        return sum_whole(self, items, weights, out)
 
     def applied(self, step: int) -> None:
         pass
@@ -67,26 +90,39 @@ class SharedMemoryWire:
 
     kind = "shared_memory"
 
-    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0):
-        """Buffers for the replica at wire position `rank`, whose next gradient is for global step `step`."""
+    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0, world: int = 1):
+        """Buffers for the replica at wire position `rank` of `world`, whose next gradient is for
+        global step `step`."""
         self.rank = rank
-        self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in ("grad0", "grad1", "control")]
-        self.grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
-        self.control = np.memmap(self.paths[2], dtype=np.int64, mode="w+", shape=(LOSS + 2,))
-        self.control[:LOSS] = [step - 1, step - 1, 0]
-        self.peers: dict[int, tuple[list[np.ndarray], np.ndarray]] = {rank: (self.grads, self.control)}
+        self.chunks = chunk_bounds(numel, world)
+        names = ("grad0", "grad1", "reduced0", "reduced1", "control")
+        self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
+        grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
+        reduced = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),)) for p in self.paths[2:4]]
+        control = np.memmap(self.paths[4], dtype=np.int64, mode="w+", shape=(CONTROL,))
+        control[:LOSS] = [step - 1, step - 1, 0, step - 1]
+        self.own = Buffers(grads, reduced, control)
+        self.peers: dict[int, Buffers] = {rank: self.own}
         self.pids: dict[int, int] = {}
         self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
         self.waited = 0.0  # seconds spent waiting for peers, in all: not this replica's own work
+        self.buffer_bytes = sum(a.nbytes for a in grads + reduced)
+
+    def _size(self, rank: int) -> int:
+        """Elements of the reduced buffer of the replica at `rank`: its chunk (a file cannot be empty)."""
+        lo, hi = self.chunks[rank]
+        return max(1, hi - lo)
 
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
         """Map every peer's buffers and control block, read-only; remember its pid to notice its death."""
-        grad = self.grads[0]
+        grad = self.own.grads[0]
         self.pids = dict(pids_by_rank)
         for rank, paths in paths_by_rank.items():
             if rank != self.rank:
                 grads = [np.memmap(p, dtype=grad.dtype, mode="r", shape=grad.shape) for p in paths[:2]]
-                self.peers[rank] = (grads, np.memmap(paths[2], dtype=np.int64, mode="r", shape=(LOSS + 2,)))
+                reduced = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),)) for p in paths[2:4]]
+                control = np.memmap(paths[4], dtype=np.int64, mode="r", shape=(CONTROL,))
+                self.peers[rank] = Buffers(grads, reduced, control)
 
     def unlink(self) -> None:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
@@ -95,27 +131,45 @@ class SharedMemoryWire:
             os.unlink(path)
 
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
-        for rank, (_, control) in self.peers.items():
+        for rank, peer in self.peers.items():
             if rank != self.rank:
-                self._wait(rank, lambda c=control: c[APPLIED] >= step - 2, f"to apply step {step - 2}")
-        self.grads[step % 2][:] = flat.detach().cpu().numpy()
-        self.control[LOSS:].view(np.float64)[step % 2] = loss
-        self.control[PUBLISHED] = step  # last: a peer that sees the step sees its buffer and loss
+                self._wait(rank, lambda c=peer.control: c[APPLIED] >= step - 2, f"to apply step {step - 2}")
+        self.own.grads[step % 2][:] = flat.detach().cpu().numpy()
+        self.own.control[LOSS:].view(np.float64)[step % 2] = loss
+        self.own.control[PUBLISHED] = step  # last: a peer that sees the step sees its buffer and loss
         return self.rank, step
 
     def read(self, token: tuple[int, int]) -> tuple[np.ndarray, float]:
         """A peer's gradient of a step, and the local loss published with it."""
         rank, step = token
-        grads, control = self.peers[rank]
-        self._wait(rank, lambda: control[PUBLISHED] >= step, f"to publish step {step}")
-        return grads[step % 2], float(control[LOSS:].view(np.float64)[step % 2])
+        peer = self.peers[rank]
+        self._wait(rank, lambda: peer.control[PUBLISHED] >= step, f"to publish step {step}")
+        return peer.grads[step % 2], float(peer.control[LOSS:].view(np.float64)[step % 2])
+
+    def all_reduce(self, tokens: Sequence[tuple[int, int]], weights: Sequence[float], out: torch.Tensor) -> list[float]:
+        """out = sum of weights[i] * the gradient at tokens[i], in order (reduce-scatter, then
+        all-gather; see the class); returns each gradient's local loss."""
+        step = tokens[0][1]
+        lo, hi = self.chunks[self.rank]
+        read = [self.read(token) for token in tokens]
+        mine = self.own.reduced[step % 2]
+        if hi > lo:  # reduce-scatter: this replica's chunk of every routed gradient, summed in order
+            weighted_sum([grad[lo:hi] for grad, _ in read], weights, out=torch.from_numpy(mine[:hi - lo]))
+        self.own.control[REDUCED] = step
+        gathered = out.numpy()
+        for rank in sorted(self.peers):  # all-gather: every replica's reduced chunk, in place
+            peer, (start, end) = self.peers[rank], self.chunks[rank]
+            if end > start:
+                self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to reduce step {step}")
+                gathered[start:end] = peer.reduced[step % 2][:end - start]
+        return [loss for _, loss in read]
 
     def applied(self, step: int) -> None:
-        self.control[APPLIED] = step
+        self.own.control[APPLIED] = step
 
     def fail(self) -> None:
         """Tell the peers this replica failed, so none of them waits for it."""
-        self.control[FAILED] = 1
+        self.own.control[FAILED] = 1
 
     def abandon(self, rank: int) -> None:
         """Stop waiting for the peer at `rank` (called from another thread while this one may wait)."""
@@ -124,7 +178,7 @@ class SharedMemoryWire:
     def _wait(self, rank: int, ready, what: str) -> None:
         if ready():
             return
-        control = self.peers[rank][1]
+        control = self.peers[rank].control
         started = checked = time.monotonic()
         pause = 0.0
         while not ready():
@@ -140,6 +194,14 @@ class SharedMemoryWire:
             time.sleep(pause)  # sleep(0) yields the core; back off to 100 us if the peer is far behind
             pause = min(1e-4, pause + 1e-6)
         self.waited += time.monotonic() - started
+
+
+def sum_whole(wire, items: Sequence, weights: Sequence[float], out: torch.Tensor) -> list[float]:
+    """out = sum of weights[i] * the whole gradient of items[i] as `wire` reads it, in order;
+    returns each gradient's local loss. Every replica reads every gradient: (W - 1) gradients a step."""
+    read = [wire.read(item) for item in items]
+    weighted_sum([grad for grad, _ in read], weights, out=out)
+    return [loss for _, loss in read]
 
 
 def _alive(pid: int | None) -> bool:
