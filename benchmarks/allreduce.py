@@ -68,7 +68,7 @@ class Peer:
             if way == "all_to_all":
                 sum_whole(self.wire, tokens, weights, self.out)
             else:
-                self.wire.all_reduce(tokens, weights, self.out)
+                self.wire.all_reduce(tokens, weights, weights, self.out)
             self.wire.applied(step)
         return (time.perf_counter() - started) / steps
 

@@ -28,6 +28,11 @@ def mlp_25m() -> nn.Module:
                          nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
+def mlp_17mb() -> nn.Module:
+    """784-4096-256-10: 4.27 M parameters, 17 MB of gradient (the multi-node case)."""
+    return nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
 def linear_data(n: int) -> ArrayDataset:
     x = np.random.default_rng(0).integers(0, 100, size=(n, 1)).astype(np.float32)
     return ArrayDataset(x, 2 * x + 1)
@@ -57,6 +62,7 @@ WORKLOADS = {
     "linear": Workload("linear", seed_linear, linear_data, F.mse_loss, batch_size=32, steps=2000, lr=1e-5),
     "mlp": Workload("mlp", mlp_784, image_data, F.cross_entropy, batch_size=256, steps=120, lr=0.01),
     "25m": Workload("25m", mlp_25m, image_data, F.cross_entropy, batch_size=64, steps=12, lr=0.01),
+    "17mb": Workload("17mb", mlp_17mb, image_data, F.cross_entropy, batch_size=16, steps=40, lr=0.01),
 }
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +45,12 @@ def main() -> int:
     parser.add_argument("--allreduce", action="store_true",
                         help="only the all-reduce: seconds per all-reduce of 7.4 MB and 100 MB at W = 2, 4, 8 "
                              "(all-to-all vs reduce-scatter + all-gather vs gloo), and a raytorch step at W = 2 vs 8")
+    parser.add_argument("--multinode", action="store_true",
+                        help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
+                             "object-store and collective wires vs Ray Train (benchmarks/multinode.py)")
     args = parser.parse_args()
+    if args.multinode:  # a cluster of its own, in a process of its own: this one holds no Ray
+        return multinode(args.rounds, args.json)
     from raytorch.cluster import keep_on_loopback
 
     keep_on_loopback()
@@ -96,6 +102,24 @@ def main() -> int:
     save(raw, args.json)
     print_table(raw, args.workloads.split(","))
     print(f"\nraw figures: {args.json}")
+    return 0
+
+
+def multinode(rounds: int, path: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="rt-") as ray_tmp:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multinode.py"), "--rounds", str(rounds)],
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp}, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        return done.returncode
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    save({"multinode": figures}, path)
+    median = figures["median"]
+    print("\nloopback cluster, 4 nodes of 1 CPU, 4 replicas, 17 MB gradient, median steps/s:")
+    for system, rate in median.items():
+        print(f"  {system:24s} {rate:7.2f}")
+    collective = median["raytorch collective"]
+    print(f"  collective / object store {collective / median['raytorch object_store']:.2f}x, "
+          f"collective / Ray Train {collective / median['ray train']:.2f}x")
     return 0
 
 

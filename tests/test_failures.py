@@ -60,7 +60,7 @@ class Doomed(torch.nn.Linear):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("reduction", ["shared_memory", "object_store"])
+@pytest.mark.parametrize("reduction", ["shared_memory", "collective", "object_store"])
 def test_a_killed_replica_is_named_and_its_peers_do_not_hang(ray_local, reduction):
     x = np.arange(64, dtype=np.float32).reshape(-1, 1)
     x[44] = -1  # the only one: step 5 of 8, in the second replica's half

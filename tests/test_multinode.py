@@ -84,7 +84,7 @@ def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_tr
     assert len(set(pack["replica_nodes"])) == 2
     for run in (spread, pack):
         assert set(run["replica_nodes"]) <= set(run["worker_nodes"])  # none on the CPU-less head
-        assert run["wires"] == ["object_store"]  # auto: replicas on several nodes share no memory
+        assert run["wires"] == ["collective"]  # auto: replicas on several nodes share no memory: gloo among them
         assert_trained_what_one_process_trains(run)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from raytorch.plan import plan_steps, steps_per_call
 from raytorch.reduce import chunk_bounds, weighted_sum
-from raytorch.wire import PeerFailed, SharedMemoryWire, shared_memory_available
+from raytorch.wire import PeerFailed, SharedMemoryWire, choose, shared_memory_available
 
 
 def test_plan_carries_each_steps_reduce_into_the_next_step():
@@ -155,7 +155,7 @@ def test_reduce_scatter_all_gather_gives_every_replica_the_bits_of_a_plain_sum(r
 
         def replica(r):
             wires[r].publish(grads[r], step, loss=float(r))
-            losses.append(wires[r].all_reduce([(q, step) for q in range(world)], weights, outs[r]))
+            losses.append(wires[r].all_reduce([(q, step) for q in range(world)], weights, weights, outs[r]))
             wires[r].applied(step)
 
         threads = [threading.Thread(target=replica, args=(r,)) for r in range(world)]
@@ -164,4 +164,14 @@ def test_reduce_scatter_all_gather_gives_every_replica_the_bits_of_a_plain_sum(r
         for thread in threads:
             thread.join(timeout=30)
         assert all(torch.equal(out, expected) for out in outs)
-        assert losses == [[float(q) for q in range(world)]] * world
+        assert losses == [sum(q / world for q in range(world))] * world  # the local losses, weighted
+
+
+def test_auto_picks_shared_memory_on_one_node_and_gloo_across_nodes():
+    assert choose("auto", nodes=1, shared_memory=True)[0] == "shared_memory"
+    wire, why = choose("auto", nodes=4, shared_memory=True)
+    assert wire == "collective" and why.startswith("replicas on 4 nodes: a gloo ring all-reduce")
+    assert choose("auto", nodes=1, shared_memory=False)[0] == "collective"  # not x86, or no /dev/shm
+    assert choose("object_store", nodes=4, shared_memory=True) == ("object_store", "as asked")
+    with pytest.raises(ValueError, match="'shared_memory' needs all replicas on one x86 node.*on 2 node"):
+        choose("shared_memory", nodes=2, shared_memory=True)

@@ -99,6 +99,8 @@ def gated_run(tmp_path, at=40, **config):
     ("shared_memory", ray_kill, "ActorDiedError", 0),
     ("shared_memory", sigstop, "hang", 0),
     ("shared_memory", sigkill, "ActorDiedError", 1),
+    ("collective", sigkill, "ActorDiedError", 0),
+    ("collective", sigstop, "hang", 0),
 ])
 def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys, reduction, fault, cause,
                                                              spares):
@@ -148,19 +150,22 @@ def test_below_min_workers_the_run_stops_with_a_checkpoint_and_resumes(ray_local
     assert_matches_reference(result)
 
 
-def test_nonfinite_loss_stops_the_run_naming_step_and_replica(ray_local, tmp_path):
+@pytest.mark.parametrize("reduction", ["shared_memory", "collective"])
+def test_nonfinite_loss_stops_the_run_naming_step_and_replica(ray_local, tmp_path, reduction):
     data = DATA()
     data.x[16 * 4 + 12] = -7  # step 4 of epoch 0 (no shuffle), in the second replica's half
-    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, output_dir=str(tmp_path / "run"))
+    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, output_dir=str(tmp_path / "run"),
+                         reduction=reduction)
     with pytest.raises(NonFiniteError, match=r"replica 1: non-finite loss nan at step 4 \(epoch 0\); "
                                              r"no checkpoint written"):
         Trainer(config, model_fn=Poisoned, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
 
 
-def test_nonfinite_step_skipped_on_every_replica(ray_local):
+@pytest.mark.parametrize("reduction", ["shared_memory", "collective"])
+def test_nonfinite_step_skipped_on_every_replica(ray_local, reduction):
     data = DATA()
     data.x[16 * 4 + 12] = -7
-    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, on_nonfinite="skip")
+    config = TrainConfig(**{**JOB, "shuffle": False}, workers=2, on_nonfinite="skip", reduction=reduction)
     result = Trainer(config, model_fn=Poisoned, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
     assert result.skipped_steps == [4, 34, 64]  # the poisoned sample is in step 4 of every epoch
     model, losses = train_reference(Poisoned, data, F.mse_loss, **{**JOB, "shuffle": False}, skip_nonfinite=True)

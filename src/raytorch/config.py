@@ -18,7 +18,7 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
-ReductionName = Literal["auto", "shared_memory", "object_store"]
+ReductionName = Literal["auto", "shared_memory", "collective", "object_store"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
@@ -117,7 +117,7 @@ class TrainConfig:
     """How replicas are laid over nodes (Ray's placement-group strategy): 'pack' (as few nodes as hold them: locality, shared-memory gradients) or 'spread' (over distinct nodes where there are enough, best effort: a lost node takes fewer replicas with it)."""
 
     reduction: ReductionName = "auto"
-    """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm), 'object_store' (Ray objects, any cluster), 'auto' (shared_memory where all replicas share a node)."""
+    """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm, reduce-scatter + all-gather), 'collective' (a torch.distributed gloo group inside the replicas, ring all-reduce: any cluster of CPU replicas), 'object_store' (Ray objects routed by the driver, any cluster), 'auto' (shared_memory where all replicas share a node, else collective; the console says which and why)."""
 
     address: Optional[str] = None
     """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""

@@ -73,7 +73,7 @@ class Trainer:
                 with replica_group(config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                                    init_state=init_state, train_set=train_set, eval_set=eval_set,
                                    total_steps=plan.total_steps) as group:
-                    output.replicas_started(config, group.described())
+                    output.replicas_started(config, group.described(), group.wire_reason)
                     at = Position()
                     if resumed is not None:
                         snapshot, at = resumed

@@ -21,6 +21,7 @@ from .placement import reserve
 from .replica import Replica
 from .report import replica_name
 from .snapshot import Snapshot
+from .wire import PEER_TIMEOUT_S, choose
 
 START_TIMEOUT_S = 300.0
 PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
@@ -69,7 +70,7 @@ class ReplicaGroup:
         self.placement = reserve(bundles, config.placement, config.resource_timeout)
         self.members: list[Member] = []
         self.spares: list[Spare] = []  # oldest first
-        self.wire = "object_store"
+        self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
         self.generation = 0  # bumped by every change of membership: fresh shared-memory names
 
     @property
@@ -128,8 +129,8 @@ class ReplicaGroup:
 
     def rewire(self) -> None:
         """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
-        self.wire = connect_wire(self.config.reduction, self.actors, [m.info for m in self.members],
-                                 f"{self.run_name}-g{self.generation}")
+        self.wire, self.wire_reason = connect_wire(self.config.reduction, self.actors, [m.info for m in self.members],
+                                                   f"{self.run_name}-g{self.generation}", self.config.step_timeout)
 
     # -- calls: the driver's requests, each to every replica unless said otherwise ---------------
 
@@ -313,21 +314,27 @@ def await_started(started: dict[int, tuple[Any, int]], timeout: float) -> tuple[
     return members, dropped
 
 
-def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str) -> str:
-    """Pick how gradients travel (see TrainConfig.reduction) and set it up; returns its name."""
-    nodes = {info["node_id"] for info in infos}
-    possible = len(nodes) == 1 and all(info["shared_memory"] for info in infos)
-    if reduction == "shared_memory" and not possible:
-        raise ClusterError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are "
-                           f"on {len(nodes)} node(s): use reduction 'auto' or 'object_store'")
-    if reduction == "object_store" or not possible:
+def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str, step_timeout: float) -> tuple[str, str]:
+    """Pick how gradients travel (see TrainConfig.reduction) and set it up; returns its name and why.
+    A collective group's operations time out PEER_TIMEOUT_S past step_timeout: the driver finds a
+    hung replica (and names it) before its peers' all-reduce gives up on it."""
+    try:
+        wire, why = choose(reduction, len({info["node_id"] for info in infos}),
+                           all(info["shared_memory"] for info in infos))
+    except ValueError as e:
+        raise ClusterError(str(e)) from e
+    if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous
+        address, port = gather(actors[:1], [actors[0].rendezvous.remote()])[0]
+        gather(actors, [a.join_collective.remote(p, len(actors), address, port, step_timeout + PEER_TIMEOUT_S)
+                        for p, a in enumerate(actors)])
+    elif wire == "object_store":
         gather(actors, [a.use_object_store.remote() for a in actors])
-        return "object_store"
-    paths = gather(actors, [a.share_memory.remote(prefix, position, len(actors)) for position, a in enumerate(actors)])
-    pids = {position: info["pid"] for position, info in enumerate(infos)}
-    gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
-    gather(actors, [a.unlink_shared.remote() for a in actors])
-    return "shared_memory"
+    else:
+        paths = gather(actors, [a.share_memory.remote(prefix, p, len(actors)) for p, a in enumerate(actors)])
+        pids = {position: info["pid"] for position, info in enumerate(infos)}
+        gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
+        gather(actors, [a.unlink_shared.remote() for a in actors])
+    return wire, why
 
 
 class ReplicaTimeout(ReplicaError):

@@ -22,21 +22,28 @@ from .optim import make_optimizer, make_schedule
 from .snapshot import Snapshot
 
 
-def attach_flat_grad(model: nn.Module) -> torch.Tensor:
+def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
     """Give every trainable parameter a .grad that is a view into one contiguous buffer.
 
-    backward() then accumulates straight into the buffer, so one step hands over one array.
+    backward() then accumulates straight into the buffer, so one step hands over one array. The
+    buffer's storage holds `spare` elements more after the gradient (see with_spare).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     dtypes = {p.dtype for p in params}
     if len(dtypes) != 1:
         raise TypeError(f"all trainable parameters must share one dtype for the flat gradient, got {dtypes}")
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    numel = sum(p.numel() for p in params)
+    flat = torch.zeros(numel + spare, dtype=params[0].dtype, device=params[0].device)[:numel]
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
     return flat
+
+
+def with_spare(flat: torch.Tensor, spare: int) -> torch.Tensor:
+    """`flat` and the `spare` elements after it in its storage, as one tensor (a view: no copy)."""
+    return flat.new_empty(0).set_(flat.untyped_storage(), flat.storage_offset(), (flat.numel() + spare,))
 
 
 class Learner:
@@ -49,15 +56,21 @@ class Learner:
         self.model.load_state_dict(init_state)
         self.loss_fn = loss_fn
         self.train_set, self.eval_set = train_set, eval_set
-        self.flat_grad = attach_flat_grad(self.model)
+        self.flat_grad = attach_flat_grad(self.model, spare=1)
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
         # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
         # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
-        def pinned() -> torch.Tensor:
-            return torch.empty(self.flat_grad.shape, dtype=self.flat_grad.dtype, pin_memory=True)
+        # `host_buffer` is host_grad and one element more, where a collective carries the loss.
+        def pinned(numel: int) -> torch.Tensor:
+            return torch.empty(numel, dtype=self.flat_grad.dtype, pin_memory=True)
 
-        on_cpu = self.device.type == "cpu"
-        self.host_grad, self.staging = (self.flat_grad, self.flat_grad) if on_cpu else (pinned(), pinned())
+        numel = self.flat_grad.numel()
+        if self.device.type == "cpu":
+            self.host_grad = self.staging = self.flat_grad
+            self.host_buffer = with_spare(self.flat_grad, 1)
+        else:
+            self.host_buffer, self.staging = pinned(numel + 1), pinned(numel)
+            self.host_grad = self.host_buffer[:numel]
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
         self.grad_clip, self.accumulate = config.grad_clip, config.accumulate
         self.precision = config.precision
@@ -68,6 +81,9 @@ class Learner:
         # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
         # PyTorch's warning about a schedule step without an optimizer step does not apply.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        # backward of this replica's share of the global mean loss (n_r / n times its part's mean),
+        # so the gradient comes weighted: a collective then sums it as it is
+        self.prescaled = False
         self.computing_since: Optional[float] = None  # set while a forward and backward run
         self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
 
@@ -85,7 +101,7 @@ class Learner:
             with autocast(self.device, self.precision):
                 loss = self.loss_fn(self.model(x), y) * (len(micro) / len(indices))
             if self.scaler is None:
-                loss.backward()
+                (loss * share if self.prescaled else loss).backward()
             else:
                 # fp16: backward of this replica's part of the global mean loss, times the loss scale,
                 # so its fp16 gradients have the magnitudes one process's would (and overflow alike);

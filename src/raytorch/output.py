@@ -77,8 +77,9 @@ class RunOutput:
         self.say(f"Run {run_name}: Ray at {gcs_address}{dashboard}")
         self.metrics = RunMetrics(run_name)
 
-    def replicas_started(self, config: TrainConfig, replicas: list[dict]) -> None:
-        """The run's resolved config is final: write it; one line per replica."""
+    def replicas_started(self, config: TrainConfig, replicas: list[dict], wire_reason: str = "") -> None:
+        """The run's resolved config is final: write it; one line per replica, and why gradients
+        travel as they do."""
         self.config = config
         if self.run_dir_path and self.run_dir is None:
             self.run_dir = RunDir(self.run_dir_path, tensorboard=config.tensorboard)
@@ -87,6 +88,8 @@ class RunOutput:
         for info in replicas:
             self.say(f"{replica_name(info['rank'])}: {info['device']}, node {info['node_id'][:12]}, pid {info['pid']}, "
                      f"gradients via {info['wire']}")
+        if replicas and wire_reason:
+            self.say(f"gradients via {replicas[0]['wire']}: {wire_reason}")
         if config.mixed_devices:
             self.say("mixed devices: each device rounds its own way (other kernels, cuDNN's TF32), so this run "
                      "matches one process to float tolerance, not bit for bit"

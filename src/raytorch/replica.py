@@ -18,6 +18,7 @@ import ray
 import torch
 from torch import nn
 
+from .collective import CollectiveWire, free_port
 from .config import TrainConfig
 from .device import replica_device, torch_threads
 from .errors import NonFiniteError, PeerError, ReplicaError
@@ -161,10 +162,10 @@ class Replica:
         started = time.perf_counter()
         weights, routes = reduce
         items = [grads[route] if isinstance(route, int) else route for route in routes]
-        # fp16 gradients arrive weighted by their share already (see Learner.gradient): sum them
-        summed = [1.0] * len(weights) if self.scaler is not None else weights
-        losses = self.wire.all_reduce(items, summed, out=self.learner.host_grad)
-        loss = sum(w * part_loss for w, part_loss in zip(weights, losses))
+        # fp16 gradients, and any on the collective wire, arrive weighted by their share already
+        # (see Learner.gradient): sum them
+        summed = [1.0] * len(weights) if self.scaler is not None or self.learner.prescaled else weights
+        loss = self.wire.all_reduce(items, summed, weights, out=self.learner.host_grad)
         reduced = time.perf_counter() - started
         self.wire.applied(self.steps)
         self.loss_log.append((self.steps, loss))
@@ -178,6 +179,7 @@ class Replica:
         one node); returns this replica's buffer paths."""
         grad = self.learner.host_grad
         self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
+        self.learner.prescaled = False
         return self.wire.paths
 
     def adopt(self, rank: int) -> None:
@@ -189,6 +191,17 @@ class Replica:
     def use_object_store(self) -> None:
         """Hand gradients over as Ray objects (replicas on several nodes)."""
         self.wire = ObjectStoreWire()
+        self.learner.prescaled = False
+
+    def rendezvous(self) -> tuple[str, int]:
+        """An address of this replica's node and a port free there: where a collective group meets."""
+        address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return address, free_port(address)
+
+    def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float) -> None:
+        """Switch to a (fresh) gloo group of `world` replicas at `position`, meeting at address:port."""
+        self.wire = CollectiveWire(position, world, address, port, timeout_s, self.learner.host_buffer)
+        self.learner.prescaled = True
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""

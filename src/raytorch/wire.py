@@ -59,10 +59,12 @@ class ObjectStoreWire:
         """A peer's gradient and the local loss that came with it."""
         return item
 
-    def all_reduce(self, items: Sequence, weights: Sequence[float], out: torch.Tensor) -> list[float]:
-        """out = sum of weights[i] * gradient i, in order; returns each gradient's local loss. Every
-        replica reads every routed gradient whole: fine within a node, where Ray maps them zero-copy."""
-        return sum_whole(self, items, weights, out)
+    def all_reduce(self, items: Sequence, grad_weights: Sequence[float], loss_weights: Sequence[float],
+                   out: torch.Tensor) -> float:
+        """out = sum of grad_weights[i] * gradient i, in order; returns the sum of loss_weights[i] *
+        its local loss. Every replica reads every routed gradient whole: fine within a node, where
+        Ray maps them zero-copy."""
+        return weighted_loss(loss_weights, sum_whole(self, items, grad_weights, out))
 
     def applied(self, step: int) -> None:
         pass
@@ -146,15 +148,16 @@ class SharedMemoryWire:
         self._wait(rank, lambda: peer.control[PUBLISHED] >= step, f"to publish step {step}")
         return peer.grads[step % 2], float(peer.control[LOSS:].view(np.float64)[step % 2])
 
-    def all_reduce(self, tokens: Sequence[tuple[int, int]], weights: Sequence[float], out: torch.Tensor) -> list[float]:
-        """out = sum of weights[i] * the gradient at tokens[i], in order (reduce-scatter, then
-        all-gather; see the class); returns each gradient's local loss."""
+    def all_reduce(self, tokens: Sequence[tuple[int, int]], grad_weights: Sequence[float],
+                   loss_weights: Sequence[float], out: torch.Tensor) -> float:
+        """out = sum of grad_weights[i] * the gradient at tokens[i], in order (reduce-scatter, then
+        all-gather; see the class); returns the sum of loss_weights[i] * its local loss."""
         step = tokens[0][1]
         lo, hi = self.chunks[self.rank]
         read = [self.read(token) for token in tokens]
         mine = self.own.reduced[step % 2]
         if hi > lo:  # reduce-scatter: this replica's chunk of every routed gradient, summed in order
-            weighted_sum([grad[lo:hi] for grad, _ in read], weights, out=torch.from_numpy(mine[:hi - lo]))
+            weighted_sum([grad[lo:hi] for grad, _ in read], grad_weights, out=torch.from_numpy(mine[:hi - lo]))
         self.own.control[REDUCED] = step
         gathered = out.numpy()
         for rank in sorted(self.peers):  # all-gather: every replica's reduced chunk, in place
@@ -162,7 +165,7 @@ class SharedMemoryWire:
             if end > start:
                 self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to reduce step {step}")
                 gathered[start:end] = peer.reduced[step % 2][:end - start]
-        return [loss for _, loss in read]
+        return weighted_loss(loss_weights, [loss for _, loss in read])
 
     def applied(self, step: int) -> None:
         self.own.control[APPLIED] = step
@@ -204,6 +207,11 @@ def sum_whole(wire, items: Sequence, weights: Sequence[float], out: torch.Tensor
     return [loss for _, loss in read]
 
 
+def weighted_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
+    """The global loss: each part's local mean loss weighted by its share of the batch, in order."""
+    return sum(w * loss for w, loss in zip(weights, losses))
+
+
 def _alive(pid: int | None) -> bool:
     if pid is None:
         return True
@@ -214,6 +222,22 @@ def _alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def choose(reduction: str, nodes: int, shared_memory: bool) -> tuple[str, str]:
+    """The wire for TrainConfig.reduction `reduction` with the replicas on `nodes` nodes (and /dev/shm
+    usable by all where `shared_memory`), and why, in words. ValueError where shared memory is
+    asked for and cannot work."""
+    local = nodes == 1 and shared_memory
+    if reduction == "shared_memory" and not local:
+        raise ValueError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are on "
+                         f"{nodes} node(s): use reduction 'auto', 'collective' or 'object_store'")
+    if reduction != "auto":
+        return reduction, "as asked"
+    if local:
+        return "shared_memory", "all replicas on one node read each other's gradients in /dev/shm"
+    where = f"replicas on {nodes} nodes" if nodes > 1 else "no shared memory usable here"
+    return "collective", f"{where}: a gloo ring all-reduce among them, ~2 gradients a replica a step"
 
 
 def shared_memory_available() -> bool:

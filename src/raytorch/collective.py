@@ -1,0 +1,87 @@
+"""The collective wire: gradients all-reduced by torch.distributed (gloo) inside the replicas.
+
+For replicas on several nodes: each replica's gradient comes weighted (n_r / n: backward of its
+share of the global mean loss) and the group sums them with gloo's ring all-reduce, in place, ~2
+gradients sent and received per replica and step whatever the number of replicas, instead of
+every node fetching every peer's gradient from Ray's object store.
+The local loss travels in the same buffer (its last element), so every replica gets the same
+global loss, and a non-finite one (NaN stands for a non-finite loss or gradient) makes every
+replica skip the same step. The driver hands out the rendezvous (an address and a fresh port for
+each membership generation); a replica that fails closes its group, and its peers stop at once.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .wire import PeerFailed
+
+
+def free_port(host: str) -> int:
+    """A port free on this node now, for the group's rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class CollectiveWire:
+    """The replica at `position` of a gloo group of `world`, over a buffer of `numel` gradient
+    elements and the loss."""
+
+    kind = "collective"
+    waited = 0.0  # the all-reduce waits inside gloo: counted as the replica's own (fixed) work
+
+    def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor):
+        """`buffer`: the replica's host gradient and one element more (Learner.host_buffer). On a
+        CPU replica it is the gradient backward wrote: all-reduced in place, with no copy."""
+        close()  # the previous generation's group, if any
+        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        self.position, self.buffer = position, buffer
+        self.buffer_bytes = 0  # the replica's own buffer
+        self.loss = 0.0
+
+    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
+        if flat.data_ptr() != self.buffer.data_ptr():  # a GPU replica's staging buffer
+            self.buffer[:-1].copy_(flat)
+        self.loss = loss
+        return self.position, step
+
+    def all_reduce(self, tokens: Sequence[tuple[int, int]], grad_weights: Sequence[float],
+                   loss_weights: Sequence[float], out: torch.Tensor) -> float:
+        """out = the sum over replicas of grad_weight * gradient; returns the sum of loss_weight *
+        local loss. A replica with no sample in the step (not among `tokens`) adds zeros."""
+        mine = [i for i, (position, _) in enumerate(tokens) if position == self.position]
+        if mine:
+            if grad_weights[mine[0]] != 1.0:  # 1.0: weighted in backward already (Learner.prescaled)
+                self.buffer[:-1].mul_(grad_weights[mine[0]])
+            self.buffer[-1] = loss_weights[mine[0]] * self.loss
+        else:
+            self.buffer.zero_()
+        try:
+            dist.all_reduce(self.buffer)
+        except RuntimeError as e:  # gloo's word for a peer that closed its group, died or timed out
+            raise PeerFailed(f"the all-reduce with the other replicas failed: {str(e).splitlines()[0]}") from e
+        if out.data_ptr() != self.buffer.data_ptr():
+            out.copy_(self.buffer[:-1])
+        return float(self.buffer[-1])
+
+    def applied(self, step: int) -> None:
+        pass
+
+    def fail(self) -> None:
+        """Close the group: peers waiting in the all-reduce get an error at once."""
+        close()
+
+    def abandon(self, rank: int) -> None:
+        pass  # the driver kills a hung peer: its connections close, and the all-reduce fails here
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
