@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "src")]
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 import systems  # noqa: E402
+from raytorch.cluster import loopback_cluster  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 NODES = 4
@@ -37,13 +37,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = loopback_cluster(NODES, cpus_per_node=1)
     try:
-        assert cluster.address.startswith("127.0.0.1:"), cluster.address
-        for _ in range(NODES):
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
         paths = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "src")])
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": paths}})

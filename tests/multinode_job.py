@@ -37,6 +37,7 @@ from faults import Gated
 from polling import wait_for
 from raytorch import TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
+from raytorch.cluster import loopback_cluster
 
 # The one job, shared with the test that checks it against plain PyTorch.
 JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)
@@ -116,13 +117,10 @@ def main() -> None:
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
     # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = loopback_cluster(args.nodes, args.cpus_per_node)
     try:
         assert cluster.address.startswith("127.0.0.1:"), cluster.address
-        nodes = [cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
-                 for _ in range(args.nodes)]
-        cluster.wait_for_nodes()
+        nodes = list(cluster.worker_nodes)
         ray.init(address=cluster.address, logging_level="WARNING")
         total = args.nodes * args.cpus_per_node
         if args.node_loss:

@@ -127,3 +127,25 @@ def _describe(started_here: bool) -> Session:
     url = ray._private.worker.get_dashboard_url()
     return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here,
                    resources=ray.cluster_resources())
+
+
+def loopback_cluster(nodes: int, cpus_per_node: float):
+    """A multi-node Ray cluster inside this process, every node on 127.0.0.1: a head with no CPU
+    (it runs the driver, as in cluster.yaml) and `nodes` worker nodes, each its own raylet. For
+    tests and benchmarks; the caller shuts it down. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before
+    Ray is imported, and RAY_TMPDIR to a fresh directory."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        if not cluster.address.startswith("127.0.0.1:"):
+            raise ClusterError(f"the loopback cluster came up on {cluster.address}, not 127.0.0.1")
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+

@@ -86,6 +86,14 @@ class SharedMemoryWire:
     peer's step-k gradient first waits until the peer has published step k. So the driver is off
     the critical path, and a step costs compute plus a memory read.
 
+    The all-reduce is a reduce-scatter and an all-gather: replica p owns chunk p of the flat
+    gradient (chunk_bounds), sums that chunk of every routed gradient into its own `reduced` buffer
+    and publishes it (a third counter, REDUCED), then copies every peer's reduced chunk. Each
+    replica reads about two gradients' worth per step whatever the number of replicas, not one per
+    peer. A reduced buffer of step k is rewritten at step k + 2, after its owner has published step
+    k + 2's gradient, which waits for every peer to have applied step k: no reader is left behind.
+    With two replicas both ways read two gradients; each replica then sums them whole, one wait less.
+
     The counters are plain stores and loads: correct under x86's total store order, which is why
     `shared_memory_available` is false elsewhere.
     """
@@ -152,6 +160,8 @@ class SharedMemoryWire:
                    loss_weights: Sequence[float], out: torch.Tensor) -> float:
         """out = sum of grad_weights[i] * the gradient at tokens[i], in order (reduce-scatter, then
         all-gather; see the class); returns the sum of loss_weights[i] * its local loss."""
+        if len(self.chunks) <= 2:  # see the class: two replicas sum whole gradients
+            return weighted_loss(loss_weights, sum_whole(self, tokens, grad_weights, out))
         step = tokens[0][1]
         lo, hi = self.chunks[self.rank]
         read = [self.read(token) for token in tokens]
