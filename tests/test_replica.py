@@ -6,7 +6,7 @@ import torch
 
 from raytorch import TrainConfig
 from raytorch.builtins import linear_data, mlp
-from raytorch.learner import attach_flat_grad
+from raytorch.learner import attach_flat_grad, gather_grads, point_grads
 from raytorch.replica import Replica
 
 
@@ -19,6 +19,22 @@ def test_grads_are_views_into_one_flat_buffer_through_backward():
         for p in model.parameters():
             assert p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     assert torch.equal(flat, torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+
+def test_fresh_gradients_gathered_flat_then_pointed_back():
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(2, 2)})
+    params = list(model.parameters())
+    flat = attach_flat_grad(model)
+    flat.fill_(7.0)  # stale: an unused parameter's part must come back zero
+    for p in params:
+        p.grad = None
+    model["used"](torch.randn(5, 4)).sum().backward()
+    want = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params])
+    out = torch.empty_like(flat)
+    gather_grads(params, out)
+    assert torch.equal(out, want)
+    point_grads(params, flat)
+    assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
 
 
 def _initial(config, model_fn):

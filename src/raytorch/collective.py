@@ -46,6 +46,9 @@ class CollectiveWire:
         self.buffer_bytes = 0  # the replica's own buffer
         self.loss = 0.0
 
+    def target(self, step: int) -> None:
+        return None  # the learner's own flat gradient: all-reduced in place
+
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
         if flat.data_ptr() != self.buffer.data_ptr():  # a GPU replica's staging buffer
             self.buffer[:-1].copy_(flat)

@@ -25,8 +25,9 @@ from .snapshot import Snapshot
 def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
     """Give every trainable parameter a .grad that is a view into one contiguous buffer.
 
-    backward() then accumulates straight into the buffer, so one step hands over one array. The
-    buffer's storage holds `spare` elements more after the gradient (see with_spare).
+    The optimizer then reads the all-reduced gradient from the buffer, and one step hands over one
+    array (see gather_grads). The buffer's storage holds `spare` elements more after the gradient
+    (see with_spare).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     dtypes = {p.dtype for p in params}
@@ -34,11 +35,28 @@ def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
         raise TypeError(f"all trainable parameters must share one dtype for the flat gradient, got {dtypes}")
     numel = sum(p.numel() for p in params)
     flat = torch.zeros(numel + spare, dtype=params[0].dtype, device=params[0].device)[:numel]
+    point_grads(params, flat)
+    return flat
+
+
+def point_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """Make each parameter's .grad its view of `flat` (parameters in order, back to back)."""
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
-    return flat
+
+
+def gather_grads(params: list[nn.Parameter], out: torch.Tensor) -> None:
+    """The parameters' gradients, back to back, into `out`; zeros for a parameter that got none."""
+    offset = 0
+    for p in params:
+        part = out[offset:offset + p.numel()]
+        if p.grad is None:
+            part.zero_()
+        else:
+            part.copy_(p.grad.reshape(-1))
+        offset += p.numel()
 
 
 def with_spare(flat: torch.Tensor, spare: int) -> torch.Tensor:
@@ -56,6 +74,7 @@ class Learner:
         self.model.load_state_dict(init_state)
         self.loss_fn = loss_fn
         self.train_set, self.eval_set = train_set, eval_set
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flat_grad = attach_flat_grad(self.model, spare=1)
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
         # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
@@ -87,12 +106,17 @@ class Learner:
         self.computing_since: Optional[float] = None  # set while a forward and backward run
         self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
 
-    def gradient(self, indices: np.ndarray, share: float) -> tuple[float, Optional[str]]:
+    def gradient(self, indices: np.ndarray, share: float, into: Optional[torch.Tensor] = None
+                 ) -> tuple[float, Optional[str]]:
         """The gradient of the mean loss over the samples at `indices` (a part of `share` of the
-        global batch), into flat_grad, and on its way to `staging`. Returns the local mean loss and
-        what of it or the gradient is not finite (None where both are)."""
+        global batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
+        the local mean loss and what of it or the gradient is not finite (None where both are)."""
         self.computing_since = time.monotonic()
-        self.flat_grad.zero_()
+        # backward into fresh gradients, gathered into the flat buffer after: cheaper than zeroing
+        # the buffer and accumulating into it (one pass over the gradient instead of three), and
+        # on the shared-memory wire the flat gradient goes straight where the peers read it
+        for p in self.params:
+            p.grad = None
         value = 0.0
         # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
         # summed gradient is the part's mean-loss gradient, as one pass would give
@@ -108,22 +132,26 @@ class Learner:
                 # the all-reduce is then a plain sum, unscaled by the scaler (see update)
                 (self.scaler.scale(loss) * share).backward()
             value += loss.item()
-        what = self._nonfinite(value)
+        out = self.staging if into is None else into
+        on_device = self.staging is not self.flat_grad
+        gather_grads(self.params, self.flat_grad if on_device else out)
+        point_grads(self.params, self.flat_grad)  # where the optimizer reads the all-reduced gradient
+        what = self._nonfinite(value, self.flat_grad if on_device else out)
         self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
         self.computing_since = None
-        if self.staging is not self.flat_grad:
-            self.staging.copy_(self.flat_grad, non_blocking=True)
+        if on_device:
+            out.copy_(self.flat_grad, non_blocking=True)
             # also orders any earlier host-to-device copy of host_grad before it is written again
             torch.cuda.current_stream(self.device).synchronize()
         return value, what
 
-    def _nonfinite(self, loss: float) -> Optional[str]:
+    def _nonfinite(self, loss: float, grad: torch.Tensor) -> Optional[str]:
         """What is not finite: the loss, the gradient, or nothing (None)."""
         # One reduction over the gradient: NaN and inf propagate through a sum (it also flags a
         # gradient whose sum overflows float32: a run that far gone has diverged anyway).
         # With fp16 an overflowing gradient is the loss scaler's business: it skips that step.
         return (f"loss {loss}" if not math.isfinite(loss)
-                else None if self.scaler is not None or torch.isfinite(self.flat_grad.sum())
+                else None if self.scaler is not None or torch.isfinite(grad.sum())
                 else "gradient with NaN or inf")
 
     def update(self, finite: bool) -> None:

@@ -6,6 +6,7 @@ The class is plain Python (tests build it in-process); the replica group runs it
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -59,6 +60,23 @@ def proportional_set_size() -> int:
         return 0
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep large freed blocks for reuse instead of returning them to the kernel.
+
+    Every step allocates and frees gradient-sized tensors (backward's fresh gradients); by default
+    glibc maps each one anew and unmaps it when freed, so each step pays a page fault per 4 KiB of
+    gradient: half of backward's time for a 67 MB gradient here (a 4096 x 4096 linear layer,
+    batch 1: 46 ms a step, 17 ms with this). Peak memory is unchanged: the blocks are reused.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    libc.mallopt(mmap_threshold, ctypes.c_int(2**30))
+    libc.mallopt(trim_threshold, ctypes.c_int(2**31 - 1))
+
+
 def _reported(method):
     """Re-raise a failure inside a replica as a ReplicaError naming the replica and its step."""
 
@@ -86,6 +104,7 @@ class Replica:
         self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
         import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
 
+        keep_freed_memory()
         self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         self.steps = 0  # updates applied: the gradient computed next belongs to this global step
@@ -150,12 +169,14 @@ class Replica:
         (on_nonfinite 'stop' raises NonFiniteError instead)."""
         if len(indices) == 0:
             return None, None, 0.0
-        loss, what = self.learner.gradient(indices, share)
+        into = self.wire.target(self.steps)
+        loss, what = self.learner.gradient(indices, share, into)
         if what is not None:
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}")
             loss = math.nan
-        return self.wire.publish(self.learner.staging, self.steps, loss), loss, self.learner.compute_s
+        handed = self.learner.staging if into is None else into
+        return self.wire.publish(handed, self.steps, loss), loss, self.learner.compute_s
 
     def _apply(self, reduce, grads) -> float:
         """Sum the routed gradients, step; returns the seconds the all-reduce took (waits included)."""

@@ -52,6 +52,9 @@ class ObjectStoreWire:
     waited = 0.0  # Ray resolves the peers' gradients before a call starts: no wait inside one
     buffer_bytes = 0  # the object store holds the gradients
 
+    def target(self, step: int) -> None:
+        return None  # the replica's own buffer: Ray copies it into the object store
+
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[np.ndarray, float]:
         return flat.detach().cpu().numpy(), loss
 
@@ -140,11 +143,18 @@ class SharedMemoryWire:
         for path in self.paths:
             os.unlink(path)
 
-    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
+    def target(self, step: int) -> torch.Tensor:
+        """The buffer step `step`'s gradient goes into, once no peer reads it any more: backward's
+        gradients are gathered straight into it (no copy to publish)."""
         for rank, peer in self.peers.items():
             if rank != self.rank:
                 self._wait(rank, lambda c=peer.control: c[APPLIED] >= step - 2, f"to apply step {step - 2}")
-        self.own.grads[step % 2][:] = flat.detach().cpu().numpy()
+        return torch.from_numpy(self.own.grads[step % 2])
+
+    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
+        buffer = self.target(step)
+        if flat.data_ptr() != buffer.data_ptr():
+            buffer.copy_(flat)
         self.own.control[LOSS:].view(np.float64)[step % 2] = loss
         self.own.control[PUBLISHED] = step  # last: a peer that sees the step sees its buffer and loss
         return self.rank, step
