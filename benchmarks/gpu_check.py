@@ -116,6 +116,15 @@ def main() -> int:
                 for a, e in zip(one_epoch.model.parameters(), reference.parameters()))
     rows.append((f"fp32, {mixed} adaptive vs CPU", f"rel. error {error:.2e}", "< 1e-4", error < 1e-4))
 
+    # 1c. the collective wire: NCCL for a replica holding the whole card (a group of one rank: the
+    # gradient never leaves the device), gloo for the cuda + cpu pair (host buffers)
+    for label, more in (("collective, 1 whole-GPU replica (NCCL)", {"workers": 1}),
+                        (f"collective, {mixed} (gloo)", {"workers": 2, "devices": mixed})):
+        run = raytorch_run(mlp, device, steps, reduction="collective", **more)
+        error = max(((a.detach() - e.detach()).norm() / e.detach().norm()).item()
+                    for a, e in zip(run.model.parameters(), reference.parameters()))
+        rows.append((f"fp32, {label} vs CPU", f"rel. error {error:.2e}", "< 1e-4", error < 1e-4))
+
     # 2. precision: bf16 and fp16 runs converge (loss falls over 3 epochs)
     for precision in ("bf16", "fp16"):
         run = raytorch_run(mlp, device, steps, workers=2, gpus=0.5, precision=precision, epochs=3)

@@ -5,7 +5,7 @@ import pytest
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
-from raytorch.device import replica_resources, resolve_device
+from raytorch.device import gpu_index, replica_env, replica_resources, resolve_device, whole_gpus
 from raytorch.placement import describe_bundles, shortfall
 
 
@@ -38,3 +38,16 @@ def test_a_mixed_run_without_gpus_fails_before_any_replica_starts(ray_local):
     config = TrainConfig(workers=2, devices="cpu,cuda", batch_size=8)
     with pytest.raises(ClusterError, match=r"puts replica\(s\) 1 on cuda, but the cluster has no GPU"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(32, 0), loss_fn=None, quiet=True).fit()
+
+
+def test_whole_gpu_replicas_see_their_node_and_pick_their_own_by_ray_id():
+    whole = TrainConfig(workers=2, device="cuda")
+    shared = TrainConfig(workers=2, device="cuda", gpus_per_replica=0.5)
+    mixed = TrainConfig(workers=2, devices="cuda,cpu")
+    assert replica_env(whole, 0) == {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    assert replica_env(shared, 0) is None and replica_env(mixed, 1) is None
+    assert whole_gpus(whole, [0, 1]) and not whole_gpus(shared, [0, 1]) and not whole_gpus(mixed, [0, 1])
+    assert gpu_index("3", None) == 3  # the node shows all its GPUs: the id is the index
+    assert gpu_index("6", "4,6, 7") == 1  # the node narrows them: the id's place among them
+    with pytest.raises(RuntimeError, match="GPU 2, which is not among CUDA_VISIBLE_DEVICES=4,6"):
+        gpu_index("2", "4,6")

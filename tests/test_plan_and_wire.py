@@ -175,3 +175,12 @@ def test_auto_picks_shared_memory_on_one_node_and_gloo_across_nodes():
     assert choose("object_store", nodes=4, shared_memory=True) == ("object_store", "as asked")
     with pytest.raises(ValueError, match="'shared_memory' needs all replicas on one x86 node.*on 2 node"):
         choose("shared_memory", nodes=2, shared_memory=True)
+
+
+def test_auto_picks_nccl_where_every_replica_holds_a_whole_gpu():
+    for nodes in (1, 3):
+        wire, why = choose("auto", nodes=nodes, shared_memory=True, whole_gpus=True)
+        assert wire == "collective" and "NCCL" in why
+    # shared or no GPUs: the host wires (shared memory on one node, gloo across nodes)
+    assert choose("auto", nodes=1, shared_memory=True, whole_gpus=False)[0] == "shared_memory"
+    assert "gloo" in choose("auto", nodes=2, shared_memory=True, whole_gpus=False)[1]

@@ -1,4 +1,4 @@
-"""The collective wire: gradients all-reduced by torch.distributed (gloo) inside the replicas.
+"""The collective wire: gradients all-reduced by torch.distributed (gloo, or NCCL on GPUs) inside the replicas.
 
 For replicas on several nodes: each replica's gradient comes weighted (n_r / n: backward of its
 share of the global mean loss) and the group sums them with gloo's ring all-reduce, in place, ~2
@@ -8,6 +8,8 @@ The local loss travels in the same buffer (its last element), so every replica g
 global loss, and a non-finite one (NaN stands for a non-finite loss or gradient) makes every
 replica skip the same step. The driver hands out the rendezvous (an address and a fresh port for
 each membership generation); a replica that fails closes its group, and its peers stop at once.
+With NCCL (every replica on a GPU of its own) the buffer is the flat gradient on the device: it
+never crosses to the host.
 """
 
 from __future__ import annotations
@@ -30,19 +32,23 @@ def free_port(host: str) -> int:
 
 
 class CollectiveWire:
-    """The replica at `position` of a gloo group of `world`, over a buffer of `numel` gradient
-    elements and the loss."""
+    """The replica at `position` of a group of `world` (gloo or NCCL), over a buffer holding the
+    gradient and the loss."""
 
     kind = "collective"
     waited = 0.0  # the all-reduce waits inside gloo: counted as the replica's own (fixed) work
 
-    def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor):
-        """`buffer`: the replica's host gradient and one element more (Learner.host_buffer). On a
-        CPU replica it is the gradient backward wrote: all-reduced in place, with no copy."""
+    def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor,
+                 backend: str = "gloo"):
+        """`buffer`: the replica's gradient and one element more (Learner.host_buffer). On a CPU
+        replica, or with NCCL, it is the gradient itself: all-reduced in place, with no copy."""
         close()  # the previous generation's group, if any
-        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        self.position, self.buffer = position, buffer
+        device = {"device_id": buffer.device} if backend == "nccl" else {}
+        if backend == "nccl":
+            torch.cuda.set_device(buffer.device)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), **device)
+        self.position, self.buffer, self.backend = position, buffer, backend
         self.buffer_bytes = 0  # the replica's own buffer
         self.loss = 0.0
 
@@ -82,7 +88,11 @@ class CollectiveWire:
         close()
 
     def abandon(self, rank: int) -> None:
-        pass  # the driver kills a hung peer: its connections close, and the all-reduce fails here
+        """The driver declared a peer dead. gloo fails by itself once the driver kills it (its
+        connections close); NCCL would wait out its timeout, so the group is aborted here (from the
+        health thread, while the step thread may wait in the all-reduce)."""
+        if self.backend == "nccl" and dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()
 
 
 def close() -> None:

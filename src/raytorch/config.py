@@ -117,7 +117,7 @@ class TrainConfig:
     """How replicas are laid over nodes (Ray's placement-group strategy): 'pack' (as few nodes as hold them: locality, shared-memory gradients) or 'spread' (over distinct nodes where there are enough, best effort: a lost node takes fewer replicas with it)."""
 
     reduction: ReductionName = "auto"
-    """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm, reduce-scatter + all-gather), 'collective' (a torch.distributed gloo group inside the replicas, ring all-reduce: any cluster of CPU replicas), 'object_store' (Ray objects routed by the driver, any cluster), 'auto' (shared_memory where all replicas share a node, else collective; the console says which and why)."""
+    """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm, reduce-scatter + all-gather), 'collective' (a torch.distributed group inside the replicas, ring all-reduce: gloo over host memory, any cluster; NCCL on the GPUs where every replica holds a whole GPU), 'object_store' (Ray objects routed by the driver, any cluster), 'auto' (collective with NCCL where every replica holds a whole GPU, else shared_memory where all replicas share a node, else collective with gloo; the console says which and why)."""
 
     address: Optional[str] = None
     """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""

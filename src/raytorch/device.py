@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from contextlib import nullcontext
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,15 +43,45 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def replica_device(name: str) -> torch.device:
-    """The torch device for a replica of `name` ('cpu' or 'cuda')."""
+# Set for a replica that holds whole GPUs: Ray then leaves CUDA_VISIBLE_DEVICES as the node has
+# it, so the replica sees every GPU of its node (NCCL can use NVLink and peer-to-peer copies
+# between them) and selects its own by the id Ray assigned, as Ray Train does.
+SEE_NODE_GPUS = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def replica_device(name: str, assigned_gpus: Sequence[str] = ()) -> torch.device:
+    """The torch device for a replica of `name` ('cpu' or 'cuda'), holding the GPUs of ids
+    `assigned_gpus` (Ray's accelerator ids)."""
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
         raise RuntimeError(f"device 'cuda' asked for, but this replica sees no GPU (CUDA_VISIBLE_DEVICES={visible})")
-    # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it assigned this actor: index 0 is ours.
-    return torch.device("cuda", 0)
+    if not os.environ.get(SEE_NODE_GPUS) or not assigned_gpus:
+        return torch.device("cuda", 0)  # Ray narrowed CUDA_VISIBLE_DEVICES to this replica's GPU(s)
+    return torch.device("cuda", gpu_index(assigned_gpus[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def gpu_index(gpu_id: str, visible: Optional[str]) -> int:
+    """CUDA's index, in a process that sees the node's GPUs, of the GPU whose id Ray gives as
+    `gpu_id`: its place in CUDA_VISIBLE_DEVICES (`visible`) where the node narrows it, else the id."""
+    if not visible:
+        return int(gpu_id)
+    ids = [entry.strip() for entry in visible.split(",")]
+    if gpu_id not in ids:
+        raise RuntimeError(f"Ray assigned GPU {gpu_id}, which is not among CUDA_VISIBLE_DEVICES={visible}")
+    return ids.index(gpu_id)
+
+
+def replica_env(config: TrainConfig, rank: int) -> Optional[dict]:
+    """The runtime_env replica `rank` starts with: a whole-GPU replica sees its node's GPUs
+    (SEE_NODE_GPUS); a CPU replica or one sharing a GPU keeps Ray's defaults (None)."""
+    return {"env_vars": {SEE_NODE_GPUS: "1"}} if config.gpus_of(rank) >= 1 else None
+
+
+def whole_gpus(config: TrainConfig, ranks: Sequence[int]) -> bool:
+    """True where every replica of `ranks` computes on a GPU of its own: NCCL can connect them."""
+    return all(config.device_of(rank) == "cuda" and config.gpus_of(rank) >= 1 for rank in ranks)
 
 
 def replica_resources(config: TrainConfig, rank: int) -> dict[str, float]:

@@ -15,7 +15,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import TrainConfig
-from .device import replica_resources
+from .device import replica_env, replica_resources, whole_gpus
 from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
 from .placement import reserve
 from .replica import Replica
@@ -107,6 +107,7 @@ class ReplicaGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle),
             name=name,
             namespace=self.run_name,
+            runtime_env=replica_env(self.config, rank),
         ).remote(rank, self.config, run_name=self.run_name, **self.replica_args)
 
     def _add_spare(self, bundle: int) -> None:
@@ -129,8 +130,8 @@ class ReplicaGroup:
 
     def rewire(self) -> None:
         """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
-        self.wire, self.wire_reason = connect_wire(self.config.reduction, self.actors, [m.info for m in self.members],
-                                                   f"{self.run_name}-g{self.generation}", self.config.step_timeout)
+        self.wire, self.wire_reason = connect_wire(self.config, self.actors, [m.info for m in self.members],
+                                                   f"{self.run_name}-g{self.generation}")
 
     # -- calls: the driver's requests, each to every replica unless said otherwise ---------------
 
@@ -218,11 +219,7 @@ class ReplicaGroup:
         cannot end a stopped process); its peers stop waiting for it."""
         member = self.members[position]
         ray.kill(member.actor, no_restart=True)
-        if member.info["node_id"] == ray.get_runtime_context().get_node_id():
-            try:
-                os.kill(member.info["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_if_here(member.info)
         for other, m in enumerate(self.members):
             if other != position:
                 m.actor.abandon.remote(position)
@@ -314,18 +311,20 @@ def await_started(started: dict[int, tuple[Any, int]], timeout: float) -> tuple[
     return members, dropped
 
 
-def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str, step_timeout: float) -> tuple[str, str]:
+def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: str) -> tuple[str, str]:
     """Pick how gradients travel (see TrainConfig.reduction) and set it up; returns its name and why.
     A collective group's operations time out PEER_TIMEOUT_S past step_timeout: the driver finds a
     hung replica (and names it) before its peers' all-reduce gives up on it."""
+    on_gpus = whole_gpus(config, [info["rank"] for info in infos])
     try:
-        wire, why = choose(reduction, len({info["node_id"] for info in infos}),
-                           all(info["shared_memory"] for info in infos))
+        wire, why = choose(config.reduction, len({info["node_id"] for info in infos}),
+                           all(info["shared_memory"] for info in infos), on_gpus)
     except ValueError as e:
         raise ClusterError(str(e)) from e
     if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous
         address, port = gather(actors[:1], [actors[0].rendezvous.remote()])[0]
-        gather(actors, [a.join_collective.remote(p, len(actors), address, port, step_timeout + PEER_TIMEOUT_S)
+        backend, timeout = "nccl" if on_gpus else "gloo", config.step_timeout + PEER_TIMEOUT_S
+        gather(actors, [a.join_collective.remote(p, len(actors), address, port, timeout, backend)
                         for p, a in enumerate(actors)])
     elif wire == "object_store":
         gather(actors, [a.use_object_store.remote() for a in actors])
@@ -335,6 +334,15 @@ def connect_wire(reduction: str, actors: list, infos: list[dict], prefix: str, s
         gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
         gather(actors, [a.unlink_shared.remote() for a in actors])
     return wire, why
+
+
+def kill_if_here(info: dict) -> None:
+    """SIGKILL the replica `info` (what it reported when ready) describes, if it runs on this node."""
+    if info["node_id"] == ray.get_runtime_context().get_node_id():
+        try:
+            os.kill(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class ReplicaTimeout(ReplicaError):

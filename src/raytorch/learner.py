@@ -106,6 +106,11 @@ class Learner:
         self.computing_since: Optional[float] = None  # set while a forward and backward run
         self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
 
+    def reduce_on_device(self) -> None:
+        """All-reduce on the device (NCCL): the "host" buffers become the flat gradient itself."""
+        self.host_grad = self.staging = self.flat_grad
+        self.host_buffer = with_spare(self.flat_grad, 1)
+
     def gradient(self, indices: np.ndarray, share: float, into: Optional[torch.Tensor] = None
                  ) -> tuple[float, Optional[str]]:
         """The gradient of the mean loss over the samples at `indices` (a part of `share` of the

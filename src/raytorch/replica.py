@@ -60,6 +60,11 @@ def proportional_set_size() -> int:
         return 0
 
 
+def assigned_gpus() -> list[str]:
+    """Ids of the GPUs Ray assigned this process (none outside Ray)."""
+    return ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
+
+
 def keep_freed_memory() -> None:
     """Have glibc keep large freed blocks for reuse instead of returning them to the kernel.
 
@@ -111,8 +116,8 @@ class Replica:
         self.on_nonfinite = config.on_nonfinite
         self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
         self.metrics = ReplicaMetrics(run_name, replica_name(rank)) if ray.is_initialized() else None
-        self.learner = Learner(config, replica_device(config.device_of(rank)), model_fn, loss_fn, init_state,
-                               train_set, eval_set, total_steps)
+        device = replica_device(config.device_of(rank), assigned_gpus())
+        self.learner = Learner(config, device, model_fn, loss_fn, init_state, train_set, eval_set, total_steps)
         self.wire = ObjectStoreWire()
 
     # the learner's parts that callers look at
@@ -219,9 +224,13 @@ class Replica:
         address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return address, free_port(address)
 
-    def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float) -> None:
-        """Switch to a (fresh) gloo group of `world` replicas at `position`, meeting at address:port."""
-        self.wire = CollectiveWire(position, world, address, port, timeout_s, self.learner.host_buffer)
+    def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float,
+                        backend: str = "gloo") -> None:
+        """Switch to a (fresh) group of `world` replicas at `position`, meeting at address:port:
+        gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the device)."""
+        if backend == "nccl":
+            self.learner.reduce_on_device()
+        self.wire = CollectiveWire(position, world, address, port, timeout_s, self.learner.host_buffer, backend)
         self.learner.prescaled = True
 
     def position(self) -> int:
