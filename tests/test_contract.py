@@ -45,6 +45,21 @@ def test_replicas_train_what_one_process_trains(ray_local, case, optimizer, work
     assert result.steps == 3 * -(-len(c["data"]()) // c["batch_size"])
 
 
+def test_collective_wire_reduces_in_buckets_during_backward(ray_local):
+    """A gradient of two buckets (collective.BUCKET_ELEMENTS), each started from backward's hooks,
+    with micro-batches (only the last one's backward starts buckets) and a step that one of three
+    replicas sits out (it issues the same buckets over zeros)."""
+    model_fn, data = partial(mlp, 16, 4, 1024), partial(classification_data, 130, 3)
+    config = TrainConfig(workers=3, epochs=2, batch_size=32, lr=1e-3, optimizer="adam", lr_schedule="constant",
+                         seed=2, accumulate=2, reduction="collective")
+    result = Trainer(config, model_fn=model_fn, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, expected_losses = train_reference(model_fn, data(), F.cross_entropy, seed=2, epochs=2, batch_size=64,
+                                                lr=1e-3, optimizer="adam")  # a step takes 2 batches of 32
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(expected_losses, rel=1e-5)
+    assert len(set(result.replica_digests)) == 1
+
+
 def test_no_shuffle_and_drop_last(ray_local):
     data = partial(linear_data, 100, 5)
     config = TrainConfig(workers=3, epochs=2, batch_size=30, lr=1e-4, optimizer="sgd", lr_schedule="constant",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from raytorch.collective import buckets
 from raytorch.plan import plan_steps, steps_per_call
 from raytorch.reduce import chunk_bounds, weighted_sum
 from raytorch.wire import PeerFailed, SharedMemoryWire, choose, shared_memory_available
@@ -184,3 +185,11 @@ def test_auto_picks_nccl_where_every_replica_holds_a_whole_gpu():
     # shared or no GPUs: the host wires (shared memory on one node, gloo across nodes)
     assert choose("auto", nodes=1, shared_memory=True, whole_gpus=False)[0] == "shared_memory"
     assert "gloo" in choose("auto", nodes=2, shared_memory=True, whole_gpus=False)[1]
+
+
+def test_buckets_cover_the_gradient_from_the_last_parameter_back():
+    bounds = [(0, 3), (3, 4), (4, 10), (10, 10), (10, 12)]  # a parameter with no element too
+    assert buckets(bounds, most=5) == [(4, 12), (0, 4)]
+    assert buckets(bounds, most=100) == [(0, 12)]
+    assert buckets(bounds, most=1) == [(10, 12), (4, 10), (3, 4), (0, 3)]
+    assert buckets([]) == []

@@ -6,7 +6,8 @@ import torch
 
 from raytorch import TrainConfig
 from raytorch.builtins import linear_data, mlp
-from raytorch.learner import attach_flat_grad, gather_grads, point_grads
+from raytorch.data import ArrayDataset
+from raytorch.learner import attach_flat_grad
 from raytorch.replica import Replica
 
 
@@ -21,20 +22,35 @@ def test_grads_are_views_into_one_flat_buffer_through_backward():
     assert torch.equal(flat, torch.cat([p.grad.flatten() for p in model.parameters()]))
 
 
-def test_fresh_gradients_gathered_flat_then_pointed_back():
-    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(2, 2)})
-    params = list(model.parameters())
-    flat = attach_flat_grad(model)
-    flat.fill_(7.0)  # stale: an unused parameter's part must come back zero
-    for p in params:
-        p.grad = None
-    model["used"](torch.randn(5, 4)).sum().backward()
-    want = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params])
-    out = torch.empty_like(flat)
-    gather_grads(params, out)
-    assert torch.equal(out, want)
-    point_grads(params, flat)
-    assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
+def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones():
+    class Partly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 3), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    config = TrainConfig(workers=1, batch_size=6, lr=0.1, optimizer="sgd", lr_schedule="constant", accumulate=2)
+    data = linear_data(6, seed=0)
+    x = torch.randn(6, 4)
+    torch.manual_seed(0)
+    replica = Replica(0, config, model_fn=Partly, loss_fn=lambda out, y: out.pow(2).mean() + 0 * y.sum(),
+                      init_state=Partly().state_dict(), train_set=ArrayDataset(x.numpy(), np.asarray(data.y)),
+                      eval_set=data, total_steps=1)
+    replica.learner.flat_grad.fill_(7.0)  # stale: the unused parameters' part must come back zero
+    ready = []
+    replica.learner.on_ready = ready.append
+    replica.learner.gradient(np.arange(6), 1.0)
+    reference = Partly()
+    reference.load_state_dict(replica.model.state_dict())
+    reference(x).pow(2).mean().backward()
+    want = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in reference.parameters()])
+    torch.testing.assert_close(replica.learner.flat_grad, want)
+    assert sorted(ready) == [0, 1, 2, 3]  # every parameter once, the unused ones too
+    for p in replica.model.parameters():  # the optimizer reads the flat buffer
+        assert p.grad.untyped_storage().data_ptr() == replica.learner.flat_grad.untyped_storage().data_ptr()
 
 
 def _initial(config, model_fn):

@@ -5,6 +5,7 @@ gradient, evaluates, and takes or loads a snapshot. Plain PyTorch: no Ray, no wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -26,8 +27,8 @@ def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
     """Give every trainable parameter a .grad that is a view into one contiguous buffer.
 
     The optimizer then reads the all-reduced gradient from the buffer, and one step hands over one
-    array (see gather_grads). The buffer's storage holds `spare` elements more after the gradient
-    (see with_spare).
+    array (Learner.gradient gathers backward's gradients into it). The buffer's storage holds
+    `spare` elements more after the gradient (see with_spare).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     dtypes = {p.dtype for p in params}
@@ -44,18 +45,6 @@ def point_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-
-
-def gather_grads(params: list[nn.Parameter], out: torch.Tensor) -> None:
-    """The parameters' gradients, back to back, into `out`; zeros for a parameter that got none."""
-    offset = 0
-    for p in params:
-        part = out[offset:offset + p.numel()]
-        if p.grad is None:
-            part.zero_()
-        else:
-            part.copy_(p.grad.reshape(-1))
         offset += p.numel()
 
 
@@ -76,6 +65,17 @@ class Learner:
         self.train_set, self.eval_set = train_set, eval_set
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flat_grad = attach_flat_grad(self.model, spare=1)
+        bounds = np.cumsum([0] + [p.numel() for p in self.params])
+        self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # each parameter's place in it
+        for index, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._filled, index))
+        # while backward runs for the last micro-batch: where gradients are gathered, and which came
+        self.gathered: Optional[torch.Tensor] = None
+        self.filled: set[int] = set()
+        self.checksum = torch.zeros((), device=self.device)
+        # called with a parameter's index once its gradient of the step is gathered (a wire can
+        # start reducing it while backward goes on)
+        self.on_ready: Optional[Callable[[int], None]] = None
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
         # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
         # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
@@ -117,15 +117,23 @@ class Learner:
         global batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
         the local mean loss and what of it or the gradient is not finite (None where both are)."""
         self.computing_since = time.monotonic()
-        # backward into fresh gradients, gathered into the flat buffer after: cheaper than zeroing
-        # the buffer and accumulating into it (one pass over the gradient instead of three), and
-        # on the shared-memory wire the flat gradient goes straight where the peers read it
+        # backward into fresh gradients, each gathered into the flat buffer as soon as it is final:
+        # cheaper than zeroing the buffer and accumulating into it (one pass over the gradient
+        # instead of three); on the shared-memory wire the flat gradient goes straight where the
+        # peers read it, and on the collective one a bucket is reduced once it is full
         for p in self.params:
             p.grad = None
+        out = self.staging if into is None else into
+        on_device = self.staging is not self.flat_grad
+        self.filled.clear()
+        self.checksum.zero_()
         value = 0.0
         # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
         # summed gradient is the part's mean-loss gradient, as one pass would give
-        for micro in np.array_split(indices, min(self.accumulate, len(indices))):
+        micros = np.array_split(indices, min(self.accumulate, len(indices)))
+        for k, micro in enumerate(micros):
+            # the last micro-batch's backward gathers each gradient as it is final (_filled)
+            self.gathered = (self.flat_grad if on_device else out) if k == len(micros) - 1 else None
             x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, micro))
             with autocast(self.device, self.precision):
                 loss = self.loss_fn(self.model(x), y) * (len(micro) / len(indices))
@@ -137,11 +145,14 @@ class Learner:
                 # the all-reduce is then a plain sum, unscaled by the scaler (see update)
                 (self.scaler.scale(loss) * share).backward()
             value += loss.item()
-        out = self.staging if into is None else into
-        on_device = self.staging is not self.flat_grad
-        gather_grads(self.params, self.flat_grad if on_device else out)
+        self.gathered = None
+        for index in range(len(self.params)):
+            if index not in self.filled:  # a parameter backward did not reach: its gradient is zero
+                lo, hi = self.bounds[index]
+                (self.flat_grad if on_device else out)[lo:hi].zero_()
+                self._ready(index)
         point_grads(self.params, self.flat_grad)  # where the optimizer reads the all-reduced gradient
-        what = self._nonfinite(value, self.flat_grad if on_device else out)
+        what = self._nonfinite(value)
         self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
         self.computing_since = None
         if on_device:
@@ -150,13 +161,31 @@ class Learner:
             torch.cuda.current_stream(self.device).synchronize()
         return value, what
 
-    def _nonfinite(self, loss: float, grad: torch.Tensor) -> Optional[str]:
+    def _filled(self, index: int, param: nn.Parameter) -> None:
+        """Backward's hook: parameter `index` has its final gradient of the micro-batch. In the
+        last micro-batch it goes into the flat buffer at once (while in cache; the fresh tensor is
+        freed) and is checked, and the wire hears of it."""
+        if self.gathered is None:
+            return
+        lo, hi = self.bounds[index]
+        self.gathered[lo:hi].copy_(param.grad.reshape(-1))
+        if self.scaler is None:  # NaN and inf propagate through a sum (see _nonfinite)
+            self.checksum += param.grad.sum()
+        param.grad = None
+        self._ready(index)
+
+    def _ready(self, index: int) -> None:
+        self.filled.add(index)
+        if self.on_ready is not None:
+            self.on_ready(index)
+
+    def _nonfinite(self, loss: float) -> Optional[str]:
         """What is not finite: the loss, the gradient, or nothing (None)."""
-        # One reduction over the gradient: NaN and inf propagate through a sum (it also flags a
-        # gradient whose sum overflows float32: a run that far gone has diverged anyway).
+        # One sum over the gradient, taken as it was gathered: NaN and inf propagate through a sum
+        # (it also flags a gradient whose sum overflows float32: a run that far gone has diverged).
         # With fp16 an overflowing gradient is the loss scaler's business: it skips that step.
         return (f"loss {loss}" if not math.isfinite(loss)
-                else None if self.scaler is not None or torch.isfinite(grad.sum())
+                else None if self.scaler is not None or torch.isfinite(self.checksum)
                 else "gradient with NaN or inf")
 
     def update(self, finite: bool) -> None:

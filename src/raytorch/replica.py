@@ -205,7 +205,7 @@ class Replica:
         one node); returns this replica's buffer paths."""
         grad = self.learner.host_grad
         self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
-        self.learner.prescaled = False
+        self.learner.prescaled, self.learner.on_ready = False, None
         return self.wire.paths
 
     def adopt(self, rank: int) -> None:
@@ -217,7 +217,7 @@ class Replica:
     def use_object_store(self) -> None:
         """Hand gradients over as Ray objects (replicas on several nodes)."""
         self.wire = ObjectStoreWire()
-        self.learner.prescaled = False
+        self.learner.prescaled, self.learner.on_ready = False, None
 
     def rendezvous(self) -> tuple[str, int]:
         """An address of this replica's node and a port free there: where a collective group meets."""
@@ -230,8 +230,12 @@ class Replica:
         gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the device)."""
         if backend == "nccl":
             self.learner.reduce_on_device()
-        self.wire = CollectiveWire(position, world, address, port, timeout_s, self.learner.host_buffer, backend)
-        self.learner.prescaled = True
+        learner = self.learner
+        self.wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.bounds,
+                                   backend)
+        learner.prescaled = True
+        # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
+        learner.on_ready = self.wire.ready if learner.staging is learner.flat_grad else None
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""
