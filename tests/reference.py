@@ -7,12 +7,15 @@ import torch
 
 def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr, optimizer,
                     lr_schedule="constant", shuffle=True, drop_last=False, skip_nonfinite=False,
-                    weight_decay=0.0, grad_clip=None, warmup_steps=0, max_steps=None):
+                    weight_decay=0.0, grad_clip=None, warmup_steps=0, max_steps=None, optimizer_fn=None,
+                    schedule_fn=None):
     """skip_nonfinite: a step whose loss or gradient is NaN or inf leaves the weights as they are
-    (the schedule still steps) and is left out of the epoch's mean loss."""
+    (the schedule still steps) and is left out of the epoch's mean loss. optimizer_fn(model) and
+    schedule_fn(optimizer, total_steps), where given, replace optimizer, lr and lr_schedule."""
     torch.manual_seed(seed)
     model = model_fn()
-    opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](
+    opt = optimizer_fn(model) if optimizer_fn else {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                                                   "adamw": torch.optim.AdamW}[optimizer](
         model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(dataset)
     x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)])
@@ -30,6 +33,7 @@ def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr,
         if lr_schedule == "step":
             return 0.1 ** ((k >= main // 2) + (k >= 3 * main // 4))
         return 1.0
+    schedule = schedule_fn(opt, total) if schedule_fn else None
     done = 0
     losses = []
     for epoch in range(epochs):
@@ -38,8 +42,9 @@ def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr,
         for k in range(steps):
             if done == total:
                 break
-            for group in opt.param_groups:
-                group["lr"] = lr * factor(done)
+            if optimizer_fn is None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor(done)
             done += 1
             idx = order[k * batch_size:(k + 1) * batch_size]
             opt.zero_grad()
@@ -51,6 +56,8 @@ def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr,
             if finite or not skip_nonfinite:
                 opt.step()
                 total_loss, counted = total_loss + loss.item() * len(idx), counted + len(idx)
+            if schedule is not None:
+                schedule.step()
         if counted:
             losses.append(total_loss / counted)
     return model, losses

@@ -83,7 +83,7 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
     path.write_text("epochs: 3\nworkers: 3\n")
     assert main(["config", "show", "--config", str(path), "--workers", "2", "--dataset", "digits"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert (shown["epochs"], shown["workers"], shown["dataset"], shown["lr"]) == (3, 2, "digits", 0.5)
+    assert (shown["epochs"], shown["workers"], shown["dataset"], shown["lr"]) == (3, 2, "digits", 0.01)  # its recipe
     assert TrainConfig.from_dict(shown) == TrainConfig(epochs=3, workers=2, dataset="digits")
 
 

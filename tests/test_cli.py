@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.nn.functional import mse_loss
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
@@ -82,7 +83,7 @@ def test_more_workers_than_the_cluster_holds(ray_local):
     config = TrainConfig(workers=64, batch_size=64, resource_timeout=0)
     with pytest.raises(ClusterError, match=r"64 replicas of 1 CPU each cannot fit: the cluster has 1 node\(s\) "
                                            r"with 4 CPU and 0 GPU in all \(room for 4\)"):
-        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=mse_loss, quiet=True).fit()
     # and nothing is left reserved: a normal run still fits
     result = Trainer(TrainConfig(workers=4, epochs=1, batch_size=8), model_fn=linear,
                      dataset_fn=lambda: linear_data(16, 0), loss_fn=__import__("torch").nn.functional.mse_loss,
@@ -94,7 +95,7 @@ def test_cuda_on_a_cluster_without_gpus(ray_local):
     config = TrainConfig(workers=2, batch_size=2, device="cuda")
     with pytest.raises(ClusterError, match=r"device 'cuda' asked for, but the cluster has no GPU \(4 CPU, 0 GPU\): "
                                            r"use --device cpu \(or auto\)"):
-        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=mse_loss, quiet=True).fit()
 
 
 def test_batch_larger_than_dataset_with_drop_last(ray_local):
@@ -102,7 +103,7 @@ def test_batch_larger_than_dataset_with_drop_last(ray_local):
 
     config = TrainConfig(workers=2, batch_size=50, drop_last=True)
     with pytest.raises(ConfigError, match="batch_size: 50 samples per step exceed the 10 training samples"):
-        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=None, quiet=True).fit()
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(10, 0), loss_fn=mse_loss, quiet=True).fit()
 
 
 def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, monkeypatch, tmp_path, capsys):
@@ -113,7 +114,7 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     monkeypatch.setattr(raytorch.placement, "AUTOSCALER_MARKER", marker)
     config = TrainConfig(workers=64, batch_size=64, resource_timeout=2)
     with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU each after 2 s: the cluster has 1 node"):
-        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=None, quiet=True).fit()
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=mse_loss, quiet=True).fit()
     out = capsys.readouterr().out
     assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in out
 

@@ -100,7 +100,24 @@ def test_missing_config_file(tmp_path):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-def test_default_schedule_follows_the_optimizer():
-    assert TrainConfig().schedule == "cosine"  # the default job: adam, cosine-decayed
-    assert TrainConfig(optimizer="sgd").schedule == "constant"  # the seed note's plain SGD
+def test_no_schedule_unless_asked_and_the_cli_recipes_fill_what_is_unset(tmp_path):
+    from raytorch.cli import parse_config
+
+    assert TrainConfig(optimizer="adam", lr=1e-3).schedule == "constant"  # as torch.optim.Adam alone
     assert TrainConfig(optimizer="sgd", lr_schedule="cosine").schedule == "cosine"
+    seed_job = parse_config([])  # the seed job keeps its fast recipe
+    assert (seed_job.optimizer, seed_job.lr, seed_job.schedule) == ("adam", 0.5, "cosine")
+    digits = parse_config(["--dataset", "digits"])
+    assert (digits.optimizer, digits.lr, digits.batch_size, digits.epochs, digits.schedule) == (
+        "adam", 1e-2, 64, 20, "constant")
+    (tmp_path / "run.yaml").write_text("dataset: digits\nlr: 0.003\n")
+    mine = parse_config(["--config", str(tmp_path / "run.yaml"), "--epochs", "3"])  # the file and flags win
+    assert (mine.lr, mine.epochs, mine.batch_size) == (0.003, 3, 64)
+
+
+def test_optimizer_and_schedule_take_import_paths():
+    config = TrainConfig(optimizer="mypkg.opt:make", lr_schedule="mypkg.opt:schedule")
+    assert config.optimizer == "mypkg.opt:make"
+    with pytest.raises(ConfigError, match=r"optimizer: unknown value 'lion'; choose one of sgd, adam, adamw, or "
+                                          r"pkg\.module:fn"):
+        TrainConfig(optimizer="lion")

@@ -40,7 +40,7 @@ def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones
                       eval_set=data, total_steps=1)
     replica.learner.flat_grad.fill_(7.0)  # stale: the unused parameters' part must come back zero
     ready = []
-    replica.learner.on_ready = ready.append
+    replica.learner.grads.on_ready = ready.append
     replica.learner.gradient(np.arange(6), 1.0)
     reference = Partly()
     reference.load_state_dict(replica.model.state_dict())

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import TrainConfig, field_choices, field_docs
+from .config import TrainConfig, field_choices, field_docs, read_yaml
 from .errors import ConfigError, RaytorchError
 
 
@@ -45,7 +45,17 @@ def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     path = args.pop("config", None)
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
-    return (TrainConfig.from_yaml(path, **args) if path else TrainConfig(**args)), options
+    values = {**(read_yaml(path) if path else {}), **args}
+    return TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags"), options
+
+
+def with_recipe(values: dict) -> dict:
+    """`values` with what a built-in dataset's recipe sets (model aside: optimizer, lr, schedule,
+    batch size, epochs) filled in where neither the file nor the flags give it."""
+    from .builtins import RECIPES
+
+    recipe = RECIPES.get(values.get("dataset", "linear"), {})
+    return {**recipe, **values}
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:
@@ -61,7 +71,7 @@ def train(argv: Sequence[str]) -> int:
         from .driver import Trainer  # imports Ray: after the config, so bad flags fail fast
 
         Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
-                eval_dataset_fn=what.eval_dataset_fn, **options).fit()
+                eval_dataset_fn=what.eval_dataset_fn, **options).fit()  # step, optimizer by path: from config
     except ConfigError as e:
         print(f"raytorch: error: {e}", file=sys.stderr)
         return 2

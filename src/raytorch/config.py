@@ -24,6 +24,10 @@ NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
 SplitName = Literal["even", "adaptive"]
 
+# Fields that take pkg.module:fn as well as a built-in name.
+IMPORTABLE = ("optimizer", "lr_schedule")
+
+
 def run_defining(default: Any) -> Any:
     """A field that defines what a run computes: a resumed run must match its checkpoint in it. The
     others (workers, placement, devices, timeouts, ...) say how it is computed, and may change."""
@@ -51,10 +55,10 @@ class TrainConfig:
     """Peak learning rate of the optimizer."""
 
     optimizer: OptimizerName = run_defining("adam")
-    """torch.optim optimizer, with its default hyper-parameters except lr."""
+    """torch.optim optimizer, with its default hyper-parameters except lr and weight_decay; or your own as pkg.module:fn, fn(model) returning a torch.optim.Optimizer (parameter groups welcome; it sets its own lr). The Python API also takes optimizer_fn."""
 
     lr_schedule: Optional[ScheduleName] = run_defining(None)
-    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'step' divides it by 10 at half and again at three quarters of the run; 'constant' keeps it. Default: cosine for adam/adamw (the default job's recipe), constant for sgd (the seed note's)."""
+    """'cosine' decays lr to 0 over the run (one scheduler step per optimizer step); 'step' divides it by 10 at half and again at three quarters of the run; 'constant' keeps it; or your own as pkg.module:fn, fn(optimizer, total_steps) returning a scheduler stepped once per optimizer step. Default: constant, as PyTorch (the CLI's built-in datasets bring their recipe: cosine for the seed job)."""
 
     warmup_steps: int = run_defining(0)
     """Raise lr linearly from lr/N to lr over the first N steps, then follow lr_schedule over the rest."""
@@ -94,6 +98,9 @@ class TrainConfig:
 
     loss: Optional[str] = run_defining(None)
     """Loss for the CLI: a torch.nn loss class name (CrossEntropyLoss, MSELoss, ...) or pkg.module:function(output, target); default: the built-in dataset's."""
+
+    step: Optional[str] = run_defining(None)
+    """Your own step for the CLI, in place of loss: pkg.module:fn with fn(model, batch) returning the loss (a scalar tensor), for items that are not (input, target) pairs: dicts, nested, models that compute their own loss. batch is what the items collate to, on the replica's device. The Python API takes step_fn."""
 
     device: DeviceName = "cpu"
     """Where each replica computes: 'cpu', 'cuda' (one GPU, or gpus_per_replica of one, each), or 'auto' (cuda where the cluster has GPUs, else cpu)."""
@@ -173,9 +180,7 @@ class TrainConfig:
     @property
     def schedule(self) -> str:
         """The learning-rate schedule in effect."""
-        if self.lr_schedule is not None:
-            return self.lr_schedule
-        return "constant" if self.optimizer == "sgd" else "cosine"
+        return self.lr_schedule or "constant"
 
     @property
     def device_names(self) -> list[str]:
@@ -218,19 +223,24 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """Load a YAML file of field: value pairs; overrides (e.g. from CLI flags) win."""
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from e
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError("config", f"{path} must be a mapping of field: value, got a {type(values).__name__}")
-        return cls.from_dict({**values, **overrides}, source=f"config {path}")
+        return cls.from_dict({**read_yaml(path), **overrides}, source=f"config {path}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's field: value pairs, or a ConfigError saying what is wrong with it."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from e
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError("config", f"{path} must be a mapping of field: value, got a {type(values).__name__}")
+    return values
 
 
 RUN_DEFINING = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
@@ -351,8 +361,9 @@ def _check_types(config: TrainConfig) -> None:
             continue
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
         if typing.get_origin(base) is Literal:
-            if value not in typing.get_args(base):
-                choices = ", ".join(map(str, typing.get_args(base)))
+            importable = name in IMPORTABLE and isinstance(value, str) and ":" in value
+            if value not in typing.get_args(base) and not importable:
+                choices = ", ".join(map(str, typing.get_args(base))) + (", or pkg.module:fn" if name in IMPORTABLE else "")
                 raise ConfigError(name, f"unknown value {value!r}; choose one of {choices}")
             continue
         ok = {

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .batches import check_dataset
 from .checkpoint import RunCheckpoints
 from .cluster import ray_session
 from .config import TrainConfig
@@ -27,6 +28,7 @@ from .loop import EpochLoop
 from .output import RunOutput
 from .position import Position
 from .report import is_scalar_linear
+from .resolve import imported_fns
 from .result import TrainResult
 from .runplan import RunPlan
 
@@ -36,13 +38,26 @@ __all__ = ["Trainer", "TrainResult"]
 class Trainer:
     """Data-parallel training of `model_fn()` on `dataset_fn()` over config.workers Ray replicas.
 
+    loss_fn(output, target) on datasets of (input, target) pairs, or step_fn(model, batch) -> loss
+    for any other batch (dicts, nested: what the items collate to, moved to the replica's device).
+    optimizer_fn(model) -> torch.optim.Optimizer (parameter groups welcome) and
+    schedule_fn(optimizer, total_steps) -> scheduler (stepped once per optimizer step) replace
+    config's optimizer, lr, weight_decay and lr_schedule, warmup_steps. Each runs in every replica.
     resume_from: a run directory whose newest valid checkpoint the run continues from.
     """
 
     def __init__(self, config: TrainConfig, *, model_fn: Callable[[], nn.Module], dataset_fn: Callable,
-                 loss_fn: Callable, eval_dataset_fn: Optional[Callable] = None, quiet: bool = False,
-                 resume_from: Optional[str] = None):
+                 loss_fn: Optional[Callable] = None, step_fn: Optional[Callable] = None,
+                 optimizer_fn: Optional[Callable] = None, schedule_fn: Optional[Callable] = None,
+                 eval_dataset_fn: Optional[Callable] = None, quiet: bool = False, resume_from: Optional[str] = None):
+        named = imported_fns(config)  # pkg.module:fn in config.step, optimizer, lr_schedule
+        step_fn, optimizer_fn = step_fn or named["step_fn"], optimizer_fn or named["optimizer_fn"]
+        schedule_fn = schedule_fn or named["schedule_fn"]
+        if (loss_fn is None) == (step_fn is None):
+            raise ConfigError("loss_fn", "give loss_fn(output, target) for (input, target) items, or "
+                                         "step_fn(model, batch) -> loss for any other: one of the two")
         self.config, self.model_fn, self.loss_fn = config, model_fn, loss_fn
+        self.user_fns = {"step_fn": step_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn}
         self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
         self.quiet, self.resume_from = quiet, resume_from
 
@@ -57,6 +72,9 @@ class Trainer:
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
         train_set = self.dataset_fn()
         eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
+        check_dataset(train_set, "dataset", self.user_fns["step_fn"])
+        if eval_set is not None:
+            check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
         plan = RunPlan.of(config, len(train_set))
         # The contract's starting point: model_fn() right after torch.manual_seed(seed).
         torch.manual_seed(config.seed)
@@ -72,7 +90,8 @@ class Trainer:
                     output.say(f"device auto: {config.device}")
                 with replica_group(config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                                    init_state=init_state, train_set=train_set, eval_set=eval_set,
-                                   total_steps=plan.total_steps) as group:
+                                   total_steps=plan.total_steps,
+                                   **{name: fn for name, fn in self.user_fns.items() if fn is not None}) as group:
                     output.replicas_started(config, group.described(), group.wire_reason)
                     at = Position()
                     if resumed is not None:

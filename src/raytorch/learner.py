@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import SupervisedStep, checked_loss, describe, to_device
 from .config import TrainConfig
 from .data import fetch
 from .device import autocast
@@ -53,29 +54,86 @@ def with_spare(flat: torch.Tensor, spare: int) -> torch.Tensor:
     return flat.new_empty(0).set_(flat.untyped_storage(), flat.storage_offset(), (flat.numel() + spare,))
 
 
+class FlatGradient:
+    """A model's trainable parameters' gradients in one contiguous buffer, `flat`, whose views are
+    the parameters' .grad (where the optimizer reads the all-reduced gradient). Backward runs into
+    fresh gradients, and a hook gathers each into a flat buffer as soon as it is final: cheaper than
+    zeroing the buffer and accumulating into it (one pass over the gradient instead of three), and
+    the buffer can be the wire's own (the shared-memory wire's, read by the peers; the collective
+    wire reduces a bucket as soon as it is full: `on_ready`)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, check: bool = True):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flat = attach_flat_grad(model, spare=1)
+        bounds = np.cumsum([0] + [p.numel() for p in self.params])
+        self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # each parameter's place in flat
+        for index, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._filled, index))
+        self.check = check  # sum the gradients as they come (NaN and inf propagate through a sum)
+        # while backward runs for the last micro-batch: where gradients are gathered, and which came
+        self.gathered: Optional[torch.Tensor] = None
+        self.filled: set[int] = set()
+        self.checksum = torch.zeros((), device=device)
+        # called with a parameter's index once its gradient of the step is gathered (a wire can
+        # start reducing it while backward goes on)
+        self.on_ready: Optional[Callable[[int], None]] = None
+
+    def release(self) -> None:
+        """A new gradient begins: backward makes fresh tensors (the views in flat let go)."""
+        for p in self.params:
+            p.grad = None
+        self.filled.clear()
+        self.checksum.zero_()
+
+    def gather_into(self, out: Optional[torch.Tensor]) -> None:
+        """The next backward's gradients, as each is final, go into `out` (None: they accumulate)."""
+        self.gathered = out
+
+    def complete(self, out: torch.Tensor) -> None:
+        """After the last backward: zeros in `out` for the parameters it did not reach, and every
+        .grad a view of flat again."""
+        self.gathered = None
+        for index in range(len(self.params)):
+            if index not in self.filled:
+                lo, hi = self.bounds[index]
+                out[lo:hi].zero_()
+                self._ready(index)
+        point_grads(self.params, self.flat)
+
+    def _filled(self, index: int, param: nn.Parameter) -> None:
+        """Backward's hook: parameter `index` has its final gradient of this backward."""
+        if self.gathered is None:
+            return
+        lo, hi = self.bounds[index]
+        self.gathered[lo:hi].copy_(param.grad.reshape(-1))  # while in cache
+        if self.check:
+            self.checksum += param.grad.sum()
+        param.grad = None  # freed now, not at the end of backward
+        self._ready(index)
+
+    def _ready(self, index: int) -> None:
+        self.filled.add(index)
+        if self.on_ready is not None:
+            self.on_ready(index)
+
+
 class Learner:
     """The model, optimizer, schedule and loss scaler of one replica, on `device`."""
 
     def __init__(self, config: TrainConfig, device: torch.device, model_fn: Callable[[], nn.Module],
-                 loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int):
+                 loss_fn: Optional[Callable], init_state: dict, train_set, eval_set, total_steps: int, *,
+                 step_fn: Optional[Callable] = None, optimizer_fn: Optional[Callable] = None,
+                 schedule_fn: Optional[Callable] = None):
+        """step_fn(model, batch) -> loss, or else loss_fn(model(x), y) on (x, y) batches;
+        optimizer_fn(model) and schedule_fn(optimizer, total_steps), or else config's by name."""
         self.device = device
         self.model = model_fn().to(self.device)
         self.model.load_state_dict(init_state)
-        self.loss_fn = loss_fn
+        self.supervised = SupervisedStep(loss_fn) if step_fn is None else None
+        self.step = step_fn or self.supervised
         self.train_set, self.eval_set = train_set, eval_set
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.flat_grad = attach_flat_grad(self.model, spare=1)
-        bounds = np.cumsum([0] + [p.numel() for p in self.params])
-        self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # each parameter's place in it
-        for index, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(functools.partial(self._filled, index))
-        # while backward runs for the last micro-batch: where gradients are gathered, and which came
-        self.gathered: Optional[torch.Tensor] = None
-        self.filled: set[int] = set()
-        self.checksum = torch.zeros((), device=self.device)
-        # called with a parameter's index once its gradient of the step is gathered (a wire can
-        # start reducing it while backward goes on)
-        self.on_ready: Optional[Callable[[int], None]] = None
+        self.grads = FlatGradient(self.model, self.device, check=config.precision != "fp16")
+        self.flat_grad = self.grads.flat
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
         # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
         # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
@@ -90,13 +148,17 @@ class Learner:
         else:
             self.host_buffer, self.staging = pinned(numel + 1), pinned(numel)
             self.host_grad = self.host_buffer[:numel]
-        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
+        self.optimizer = (optimizer_fn(self.model) if optimizer_fn is not None else
+                          make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay))
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer_fn(model) must return a torch.optim.Optimizer, got {describe(self.optimizer)}")
         self.grad_clip, self.accumulate = config.grad_clip, config.accumulate
         self.precision = config.precision
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if self.scaler is not None:
             self.scaler.scale(torch.ones((), device=self.device))  # creates its scale now: a replica may sit out step 0
-        self.schedule = make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps)
+        self.schedule = (schedule_fn(self.optimizer, total_steps) if schedule_fn is not None else
+                         make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps))
         # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
         # PyTorch's warning about a schedule step without an optimizer step does not apply.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -117,26 +179,20 @@ class Learner:
         global batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
         the local mean loss and what of it or the gradient is not finite (None where both are)."""
         self.computing_since = time.monotonic()
-        # backward into fresh gradients, each gathered into the flat buffer as soon as it is final:
-        # cheaper than zeroing the buffer and accumulating into it (one pass over the gradient
-        # instead of three); on the shared-memory wire the flat gradient goes straight where the
-        # peers read it, and on the collective one a bucket is reduced once it is full
-        for p in self.params:
-            p.grad = None
+        # backward into fresh gradients, each gathered as soon as it is final (FlatGradient)
         out = self.staging if into is None else into
         on_device = self.staging is not self.flat_grad
-        self.filled.clear()
-        self.checksum.zero_()
+        self.grads.release()
         value = 0.0
         # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
         # summed gradient is the part's mean-loss gradient, as one pass would give
         micros = np.array_split(indices, min(self.accumulate, len(indices)))
         for k, micro in enumerate(micros):
-            # the last micro-batch's backward gathers each gradient as it is final (_filled)
-            self.gathered = (self.flat_grad if on_device else out) if k == len(micros) - 1 else None
-            x, y = (t.to(self.device, non_blocking=True) for t in fetch(self.train_set, micro))
+            # the last micro-batch's backward gathers each gradient as it is final
+            self.grads.gather_into((self.flat_grad if on_device else out) if k == len(micros) - 1 else None)
+            batch = to_device(fetch(self.train_set, micro), self.device)
             with autocast(self.device, self.precision):
-                loss = self.loss_fn(self.model(x), y) * (len(micro) / len(indices))
+                loss = checked_loss(self.step(self.model, batch)) * (len(micro) / len(indices))
             if self.scaler is None:
                 (loss * share if self.prescaled else loss).backward()
             else:
@@ -145,13 +201,7 @@ class Learner:
                 # the all-reduce is then a plain sum, unscaled by the scaler (see update)
                 (self.scaler.scale(loss) * share).backward()
             value += loss.item()
-        self.gathered = None
-        for index in range(len(self.params)):
-            if index not in self.filled:  # a parameter backward did not reach: its gradient is zero
-                lo, hi = self.bounds[index]
-                (self.flat_grad if on_device else out)[lo:hi].zero_()
-                self._ready(index)
-        point_grads(self.params, self.flat_grad)  # where the optimizer reads the all-reduced gradient
+        self.grads.complete(self.flat_grad if on_device else out)
         what = self._nonfinite(value)
         self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
         self.computing_since = None
@@ -161,31 +211,13 @@ class Learner:
             torch.cuda.current_stream(self.device).synchronize()
         return value, what
 
-    def _filled(self, index: int, param: nn.Parameter) -> None:
-        """Backward's hook: parameter `index` has its final gradient of the micro-batch. In the
-        last micro-batch it goes into the flat buffer at once (while in cache; the fresh tensor is
-        freed) and is checked, and the wire hears of it."""
-        if self.gathered is None:
-            return
-        lo, hi = self.bounds[index]
-        self.gathered[lo:hi].copy_(param.grad.reshape(-1))
-        if self.scaler is None:  # NaN and inf propagate through a sum (see _nonfinite)
-            self.checksum += param.grad.sum()
-        param.grad = None
-        self._ready(index)
-
-    def _ready(self, index: int) -> None:
-        self.filled.add(index)
-        if self.on_ready is not None:
-            self.on_ready(index)
-
     def _nonfinite(self, loss: float) -> Optional[str]:
         """What is not finite: the loss, the gradient, or nothing (None)."""
         # One sum over the gradient, taken as it was gathered: NaN and inf propagate through a sum
         # (it also flags a gradient whose sum overflows float32: a run that far gone has diverged).
         # With fp16 an overflowing gradient is the loss scaler's business: it skips that step.
         return (f"loss {loss}" if not math.isfinite(loss)
-                else None if self.scaler is not None or torch.isfinite(self.checksum)
+                else None if self.scaler is not None or torch.isfinite(self.grads.checksum)
                 else "gradient with NaN or inf")
 
     def update(self, finite: bool) -> None:
@@ -216,9 +248,14 @@ class Learner:
         with torch.no_grad(), autocast(self.device, self.precision):
             for start in range(0, len(indices), chunk):
                 part = indices[start:start + chunk]
-                x, y = (t.to(self.device) for t in fetch(self.eval_set, part))
+                batch = to_device(fetch(self.eval_set, part), self.device)
+                if self.supervised is None:  # the user's step: its loss, no accuracy
+                    total += checked_loss(self.step(self.model, batch)).item() * len(part)
+                    classifier = False
+                    continue
+                x, y = self.supervised.split(batch)
                 output = self.model(x)
-                total += self.loss_fn(output, y).item() * len(part)
+                total += checked_loss(self.supervised.loss(output, y)).item() * len(part)
                 classifier = classifier and output.dim() == 2 and output.shape[1] > 1 and not y.is_floating_point()
                 if classifier:
                     correct += (output.argmax(dim=1) == y).sum().item()

@@ -105,7 +105,9 @@ class Replica:
     """Holds one replica; per step computes its part's gradient, then applies the all-reduced one."""
 
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
-                 loss_fn: Callable, init_state: dict, train_set, eval_set, total_steps: int, run_name: str = ""):
+                 loss_fn: Optional[Callable], init_state: dict, train_set, eval_set, total_steps: int,
+                 run_name: str = "", **user_fns: Optional[Callable]):
+        """user_fns: step_fn, optimizer_fn, schedule_fn where given (see Learner)."""
         self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
         import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
 
@@ -117,7 +119,8 @@ class Replica:
         self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
         self.metrics = ReplicaMetrics(run_name, replica_name(rank)) if ray.is_initialized() else None
         device = replica_device(config.device_of(rank), assigned_gpus())
-        self.learner = Learner(config, device, model_fn, loss_fn, init_state, train_set, eval_set, total_steps)
+        self.learner = Learner(config, device, model_fn, loss_fn, init_state, train_set, eval_set, total_steps,
+                               **user_fns)
         self.wire = ObjectStoreWire()
 
     # the learner's parts that callers look at
@@ -205,7 +208,7 @@ class Replica:
         one node); returns this replica's buffer paths."""
         grad = self.learner.host_grad
         self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
-        self.learner.prescaled, self.learner.on_ready = False, None
+        self.learner.prescaled, self.learner.grads.on_ready = False, None
         return self.wire.paths
 
     def adopt(self, rank: int) -> None:
@@ -217,7 +220,7 @@ class Replica:
     def use_object_store(self) -> None:
         """Hand gradients over as Ray objects (replicas on several nodes)."""
         self.wire = ObjectStoreWire()
-        self.learner.prescaled, self.learner.on_ready = False, None
+        self.learner.prescaled, self.learner.grads.on_ready = False, None
 
     def rendezvous(self) -> tuple[str, int]:
         """An address of this replica's node and a port free there: where a collective group meets."""
@@ -231,11 +234,11 @@ class Replica:
         if backend == "nccl":
             self.learner.reduce_on_device()
         learner = self.learner
-        self.wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.bounds,
+        self.wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
                                    backend)
         learner.prescaled = True
         # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
-        learner.on_ready = self.wire.ready if learner.staging is learner.flat_grad else None
+        learner.grads.on_ready = self.wire.ready if learner.staging is learner.flat_grad else None
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""

@@ -3,6 +3,9 @@
     --model mypkg.nets:make_cnn          a zero-argument callable returning an nn.Module
     --dataset mypkg.data:digits          a zero-argument callable returning a Dataset, or (train, eval)
     --loss CrossEntropyLoss              a torch.nn loss class, or mypkg.losses:focal (loss(output, target))
+    --step mypkg.steps:lm_step           fn(model, batch) -> loss, in place of --loss
+    --optimizer mypkg.opt:make           fn(model) -> torch.optim.Optimizer
+    --lr-schedule mypkg.opt:schedule     fn(optimizer, total_steps) -> scheduler
 
 Everything is imported here, in the driver, before Ray starts: a bad path fails at once with the
 field and what failed to import.
@@ -29,7 +32,16 @@ class Training:
     model_fn: Callable[[], torch.nn.Module]
     dataset_fn: Callable
     eval_dataset_fn: Optional[Callable]
-    loss_fn: Callable
+    loss_fn: Optional[Callable]
+
+
+def imported_fns(config: TrainConfig) -> dict[str, Optional[Callable]]:
+    """step_fn, optimizer_fn and schedule_fn that config names by import path (None where it does not)."""
+    def named(value: Optional[str], field: str) -> Optional[Callable]:
+        return load(value, field) if value is not None and is_import_path(value) else None
+
+    return {"step_fn": named(config.step, "step"), "optimizer_fn": named(config.optimizer, "optimizer"),
+            "schedule_fn": named(config.lr_schedule, "lr_schedule")}
 
 
 def is_import_path(name: str) -> bool:
@@ -85,13 +97,15 @@ def training(config: TrainConfig) -> Training:
     else:
         raise ConfigError("model", "built-in models need a built-in dataset (their sizes come from it); with your "
                                    "own dataset give your own model: --model pkg.module:factory")
-    if config.loss is not None:
+    if config.step is not None:
+        loss_fn = None  # the step computes the loss (imported_fns)
+    elif config.loss is not None:
         loss_fn = loss_function(config.loss)
     elif task is not None:
         loss_fn = task.loss
     else:
-        raise ConfigError("loss", "your own dataset needs a loss: --loss CrossEntropyLoss (any torch.nn loss) "
-                                  "or --loss pkg.module:function")
+        raise ConfigError("loss", "your own dataset needs a loss: --loss CrossEntropyLoss (any torch.nn loss), "
+                                  "--loss pkg.module:function, or your own step: --step pkg.module:fn")
     return Training(model_fn=model_fn, dataset_fn=dataset_fn, eval_dataset_fn=eval_fn, loss_fn=loss_fn)
 
 

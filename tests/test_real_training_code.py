@@ -1,0 +1,125 @@
+"""Training code as people bring it: their own step on dict batches, their own optimizer (parameter
+groups) and scheduler; each against plain single-process PyTorch. And the early, one-line errors
+for what does not fit."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytorch import ConfigError, ReplicaError, TrainConfig, Trainer
+from raytorch.builtins import classification_data, mlp
+from raytorch.replica import Replica
+from reference import assert_same_parameters, train_reference
+
+PAIRS = partial(classification_data, 150, 4)
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """The pairs of PAIRS as a Hugging Face pipeline gives items: dicts, with a non-tensor field."""
+
+    def __init__(self):
+        self.pairs = PAIRS()
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        x, y = self.pairs[i]
+        return {"features": x, "labels": y, "id": f"sample-{i}"}
+
+
+class Classifier(torch.nn.Module):
+    """A model that computes its own loss from keyword inputs, as transformers' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(16, 4, 32)
+
+    def forward(self, features, labels):
+        return {"loss": F.cross_entropy(self.net(features), labels)}
+
+
+def dict_step(model, batch):
+    assert isinstance(batch["id"], list)  # strings ride along, collated, not moved
+    return model(features=batch["features"], labels=batch["labels"])["loss"]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_dict_batches_through_step_fn_train_what_one_process_trains(ray_local, workers):
+    config = TrainConfig(workers=workers, epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3)
+    result = Trainer(config, model_fn=Classifier, dataset_fn=DictDataset, eval_dataset_fn=DictDataset,
+                     step_fn=dict_step, quiet=True).fit()
+    expected, losses = train_reference(lambda: Classifier().net, PAIRS(), F.cross_entropy, seed=3, epochs=2,
+                                       batch_size=32, lr=0.01, optimizer="adam")
+    assert_same_parameters(result.model.net, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    pairs = PAIRS()
+    x, y = torch.as_tensor(pairs.x), torch.as_tensor(pairs.y)
+    with torch.no_grad():  # evaluation runs the step too (no accuracy: the step gives a loss only)
+        assert result.eval_loss == pytest.approx(F.cross_entropy(expected(x), y).item(), rel=1e-5)
+
+
+def grouped_sgd(model):
+    """No weight decay on biases: two parameter groups, momentum."""
+    decay = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+    rest = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    return torch.optim.SGD([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                           lr=0.05, momentum=0.9)
+
+
+def halving(optimizer, total_steps):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.5)
+
+
+def test_user_optimizer_with_parameter_groups_and_user_schedule(ray_local):
+    model_fn = partial(mlp, 16, 4, 32)
+    config = TrainConfig(workers=2, epochs=2, batch_size=32, seed=5)
+    result = Trainer(config, model_fn=model_fn, dataset_fn=PAIRS, loss_fn=F.cross_entropy, optimizer_fn=grouped_sgd,
+                     schedule_fn=halving, quiet=True).fit()
+    expected, losses = train_reference(model_fn, PAIRS(), F.cross_entropy, seed=5, epochs=2, batch_size=32, lr=None,
+                                       optimizer=None, optimizer_fn=grouped_sgd, schedule_fn=halving)
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+
+
+def test_items_that_are_not_pairs_or_a_dataset_without_length_fail_before_any_replica():
+    # no ray_local: both are refused in the driver, before Ray starts
+    config = TrainConfig(workers=2, epochs=1, batch_size=8)
+    with pytest.raises(ConfigError, match=r"dataset: items are a dict of features, labels, id, not \(input, target\) "
+                                          r"pairs: give step_fn\(model, batch\) -> loss instead of loss_fn"):
+        Trainer(config, model_fn=Classifier, dataset_fn=DictDataset, loss_fn=F.cross_entropy, quiet=True).fit()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from PAIRS()
+
+    with pytest.raises(ConfigError, match=r"dataset: Stream has no length \(an IterableDataset\?\)"):
+        Trainer(config, model_fn=Classifier, dataset_fn=Stream, loss_fn=F.cross_entropy, quiet=True).fit()
+    with pytest.raises(ConfigError, match="give loss_fn.*or step_fn.*one of the two"):
+        Trainer(config, model_fn=Classifier, dataset_fn=DictDataset, quiet=True)
+
+
+def _replica(step_fn=None, loss_fn=None, data=None):
+    config = TrainConfig(workers=1, batch_size=4, lr=0.1, optimizer="sgd")
+    torch.manual_seed(0)
+    data = data or PAIRS()
+    return Replica(0, config, model_fn=partial(mlp, 16, 4, 8), loss_fn=loss_fn, init_state=mlp(16, 4, 8).state_dict(),
+                   train_set=data, eval_set=data, total_steps=1, step_fn=step_fn)
+
+
+def test_a_loss_that_is_not_a_scalar_or_labels_of_the_wrong_dtype_name_the_replica_and_the_fix():
+    unreduced = _replica(step_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"))
+    with pytest.raises(ReplicaError, match=r"replica 0 failed in run after 0 steps: TypeError: the loss must be a "
+                                           r"scalar .*shape \(4,\): reduce it \(\.mean\(\)\)"):
+        unreduced.run([(np.arange(4), None, 1.0)])
+    pairs = PAIRS()
+    float_labels = type(pairs)(pairs.x, pairs.y.astype(np.float32))
+    wrong = _replica(loss_fn=F.cross_entropy, data=float_labels)
+    with pytest.raises(ReplicaError, match=r"replica 0 .*loss_fn\(output, target\) failed on output a "
+                                           r"torch.float32 tensor of shape \(4, 4\) and target a torch.float32 "
+                                           r"tensor of shape \(4,\) \(class labels must be integers: store them as "
+                                           r"int64\)"):
+        wrong.run([(np.arange(4), None, 1.0)])
