@@ -52,7 +52,8 @@ def train_reference(model_fn, dataset, loss_fn, *, seed, epochs, batch_size, lr,
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            finite = math.isfinite(loss.item()) and all(p.grad.isfinite().all() for p in model.parameters())
+            finite = math.isfinite(loss.item()) and all(p.grad.isfinite().all() for p in model.parameters()
+                                                        if p.grad is not None)
             if finite or not skip_nonfinite:
                 opt.step()
                 total_loss, counted = total_loss + loss.item() * len(idx), counted + len(idx)

@@ -123,3 +123,32 @@ def test_a_loss_that_is_not_a_scalar_or_labels_of_the_wrong_dtype_name_the_repli
                                            r"tensor of shape \(4,\) \(class labels must be integers: store them as "
                                            r"int64\)"):
         wrong.run([(np.arange(4), None, 1.0)])
+
+
+class HalfBf16(torch.nn.Module):
+    """A float32 layer, a bfloat16 layer, a frozen layer and an unused parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 32)
+        self.second = torch.nn.Linear(32, 4).to(torch.bfloat16)
+        self.frozen = torch.nn.Linear(16, 16).requires_grad_(False)
+        self.unused = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(self.frozen(x)))
+        return self.second(hidden.to(torch.bfloat16)).float()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parameters_of_two_dtypes_frozen_and_unused_ones_train(ray_local, workers):
+    config = TrainConfig(workers=workers, epochs=2, batch_size=32, lr=0.05, optimizer="sgd", seed=7)
+    result = Trainer(config, model_fn=HalfBf16, dataset_fn=PAIRS, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, losses = train_reference(HalfBf16, PAIRS(), F.cross_entropy, seed=7, epochs=2, batch_size=32,
+                                       lr=0.05, optimizer="sgd")
+    assert result.model.second.weight.dtype == torch.bfloat16
+    # one replica: the same bits as plain PyTorch (bf16 gradients pass through float32 exactly);
+    # two: the halves' bf16 gradients are summed in float32, then rounded to bf16 once
+    assert_same_parameters(result.model, expected, rel=1e-6 if workers == 1 else 2e-2)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5 if workers == 1 else 1e-2)
+    assert torch.equal(result.model.frozen.weight, expected.frozen.weight)

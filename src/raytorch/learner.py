@@ -28,24 +28,27 @@ def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
     """Give every trainable parameter a .grad that is a view into one contiguous buffer.
 
     The optimizer then reads the all-reduced gradient from the buffer, and one step hands over one
-    array (Learner.gradient gathers backward's gradients into it). The buffer's storage holds
-    `spare` elements more after the gradient (see with_spare).
+    array (Learner.gradient gathers backward's gradients into it). The buffer is of the widest
+    parameter dtype, at least float32 (16-bit gradients are summed in float32); a parameter of a
+    narrower dtype gets a .grad of its own instead of a view, filled from the buffer (FlatGradient.
+    scatter). The buffer's storage holds `spare` elements more after the gradient (see with_spare).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1:
-        raise TypeError(f"all trainable parameters must share one dtype for the flat gradient, got {dtypes}")
+    if not params:
+        raise ValueError("the model has no trainable parameter: nothing to train")
+    dtype = functools.reduce(torch.promote_types, {p.dtype for p in params}, torch.float32)
     numel = sum(p.numel() for p in params)
-    flat = torch.zeros(numel + spare, dtype=params[0].dtype, device=params[0].device)[:numel]
-    point_grads(params, flat)
+    flat = torch.zeros(numel + spare, dtype=dtype, device=params[0].device)[:numel]
+    point_grads(params, flat, {i: torch.zeros_like(p) for i, p in enumerate(params) if p.dtype != dtype})
     return flat
 
 
-def point_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """Make each parameter's .grad its view of `flat` (parameters in order, back to back)."""
+def point_grads(params: list[nn.Parameter], flat: torch.Tensor, narrow: dict[int, torch.Tensor]) -> None:
+    """Make each parameter's .grad its view of `flat` (parameters in order, back to back), or
+    narrow[index] for a parameter of another dtype than flat's."""
     offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
+    for index, p in enumerate(params):
+        p.grad = narrow[index] if index in narrow else flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
 
 
@@ -65,6 +68,8 @@ class FlatGradient:
     def __init__(self, model: nn.Module, device: torch.device, check: bool = True):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = attach_flat_grad(model, spare=1)
+        # parameters of a narrower dtype than flat's (bf16 beside fp32): their .grad is their own
+        self.narrow = {i: p.grad for i, p in enumerate(self.params) if p.dtype != self.flat.dtype}
         bounds = np.cumsum([0] + [p.numel() for p in self.params])
         self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # each parameter's place in flat
         for index, p in enumerate(self.params):
@@ -98,7 +103,13 @@ class FlatGradient:
                 lo, hi = self.bounds[index]
                 out[lo:hi].zero_()
                 self._ready(index)
-        point_grads(self.params, self.flat)
+        point_grads(self.params, self.flat, self.narrow)
+
+    def scatter(self) -> None:
+        """The (all-reduced) gradient in flat into the narrower parameters' own .grad."""
+        for index, grad in self.narrow.items():
+            lo, hi = self.bounds[index]
+            grad.copy_(self.flat[lo:hi].view_as(grad))
 
     def _filled(self, index: int, param: nn.Parameter) -> None:
         """Backward's hook: parameter `index` has its final gradient of this backward."""
@@ -226,6 +237,7 @@ class Learner:
         if finite:  # the same test on the same numbers: every replica decides alike
             if self.host_grad is not self.flat_grad:
                 self.flat_grad.copy_(self.host_grad, non_blocking=True)
+            self.grads.scatter()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
             if self.grad_clip is not None:  # on the reduced gradient: the same on every replica
@@ -294,5 +306,5 @@ class Learner:
         """SHA-256 of the parameters' bytes: equal digests mean bit-identical replicas."""
         h = hashlib.sha256()
         for p in self.model.parameters():
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
         return h.hexdigest()
