@@ -152,3 +152,31 @@ def test_parameters_of_two_dtypes_frozen_and_unused_ones_train(ray_local, worker
     assert_same_parameters(result.model, expected, rel=1e-6 if workers == 1 else 2e-2)
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5 if workers == 1 else 1e-2)
     assert torch.equal(result.model.frozen.weight, expected.frozen.weight)
+
+
+class NormedNet(torch.nn.Module):
+    """BatchNorm on the inputs (its running mean depends on the data alone), and after a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = torch.nn.BatchNorm1d(16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.BatchNorm1d(32)
+        self.out = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.norm(self.hidden(self.inputs(x)))))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_batchnorm_statistics_never_diverge_and_the_running_mean_is_one_process(ray_local, workers, capsys):
+    # even parts: BatchNorm refuses a training part of one sample, which an adaptive cut may give
+    config = TrainConfig(workers=workers, epochs=2, batch_size=32, lr=0.05, optimizer="sgd", seed=9, split="even")
+    result = Trainer(config, model_fn=NormedNet, dataset_fn=PAIRS, loss_fn=F.cross_entropy).fit()
+    assert "the model has BatchNorm" in capsys.readouterr().out  # said once, at start
+    assert len(set(result.replica_digests)) == 1  # parameters and running statistics alike
+    expected, _ = train_reference(NormedNet, PAIRS(), F.cross_entropy, seed=9, epochs=2, batch_size=32, lr=0.05,
+                                  optimizer="sgd")
+    # the inputs' running mean is linear in the batch means: the same as one process's
+    torch.testing.assert_close(result.model.inputs.running_mean, expected.inputs.running_mean, rtol=1e-5, atol=1e-6)
+    assert int(result.model.inputs.num_batches_tracked) == int(expected.inputs.num_batches_tracked)

@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .device import resolve_device
 from .errors import ConfigError, ReplicaError
 from .group import replica_group
+from .learner import running_statistics
 from .loop import EpochLoop
 from .output import RunOutput
 from .position import Position
@@ -80,6 +81,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = self.model_fn()
         init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if running_statistics(model):
+            output.say("the model has BatchNorm: each replica normalizes by its own part's batch statistics, so the "
+                       "result depends on the number of replicas and the split (running statistics are averaged over "
+                       "replicas after every step: replicas agree); for a result that does not, use GroupNorm or "
+                       "LayerNorm, or keep workers and --split even the same between runs")
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
         with ray_session(config.address, metadata) as session:

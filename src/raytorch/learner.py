@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import SupervisedStep, checked_loss, describe, to_device
 from .config import TrainConfig
@@ -22,6 +23,13 @@ from .data import fetch
 from .device import autocast
 from .optim import make_optimizer, make_schedule
 from .snapshot import Snapshot
+
+
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm running means and variances of `model` (the buffers its training forward
+    updates from the batch), in module order."""
+    return [buffer for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            for buffer in (m.running_mean, m.running_var) if buffer is not None]
 
 
 def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
@@ -38,7 +46,8 @@ def attach_flat_grad(model: nn.Module, spare: int = 0) -> torch.Tensor:
         raise ValueError("the model has no trainable parameter: nothing to train")
     dtype = functools.reduce(torch.promote_types, {p.dtype for p in params}, torch.float32)
     numel = sum(p.numel() for p in params)
-    flat = torch.zeros(numel + spare, dtype=dtype, device=params[0].device)[:numel]
+    stats = sum(b.numel() for b in running_statistics(model))  # after the gradient: see FlatGradient
+    flat = torch.zeros(numel + stats + spare, dtype=dtype, device=params[0].device)[:numel + stats]
     point_grads(params, flat, {i: torch.zeros_like(p) for i, p in enumerate(params) if p.dtype != dtype})
     return flat
 
@@ -63,15 +72,24 @@ class FlatGradient:
     fresh gradients, and a hook gathers each into a flat buffer as soon as it is final: cheaper than
     zeroing the buffer and accumulating into it (one pass over the gradient instead of three), and
     the buffer can be the wire's own (the shared-memory wire's, read by the peers; the collective
-    wire reduces a bucket as soon as it is full: `on_ready`)."""
+    wire reduces a bucket as soon as it is full: `on_ready`).
+
+    The rule for BatchNorm: its running means and variances travel after the gradient, in the same
+    buffer, weighted like the gradients (n_r / n), and every replica takes the all-reduced values:
+    the replicas' buffers never diverge. The running mean is then the one one process computes
+    (its update is linear in the batch mean); the running variance leaves out the spread between
+    the parts' means, and each replica normalizes with its own part's batch statistics, so a model
+    with BatchNorm trains something that depends on W (the console says so at start)."""
 
     def __init__(self, model: nn.Module, device: torch.device, check: bool = True):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stats = running_statistics(model)
         self.flat = attach_flat_grad(model, spare=1)
         # parameters of a narrower dtype than flat's (bf16 beside fp32): their .grad is their own
         self.narrow = {i: p.grad for i, p in enumerate(self.params) if p.dtype != self.flat.dtype}
-        bounds = np.cumsum([0] + [p.numel() for p in self.params])
-        self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # each parameter's place in flat
+        bounds = np.cumsum([0] + [p.numel() for p in self.params] + [sum(b.numel() for b in self.stats)])
+        # each parameter's place in flat, and the running statistics' (one entry more, where any)
+        self.bounds = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))[:len(self.params) + bool(self.stats)]
         for index, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._filled, index))
         self.check = check  # sum the gradients as they come (NaN and inf propagate through a sum)
@@ -94,11 +112,26 @@ class FlatGradient:
         """The next backward's gradients, as each is final, go into `out` (None: they accumulate)."""
         self.gathered = out
 
+    def put_statistics(self, out: torch.Tensor, weight: float) -> None:
+        """After the last forward: the running statistics, times `weight`, into their place in `out`."""
+        if self.stats:
+            lo, hi = self.bounds[-1]
+            out[lo:hi].copy_(torch.cat([b.reshape(-1) for b in self.stats]).mul_(weight))
+            self._ready(len(self.params))
+
+    def take_statistics(self) -> None:
+        """The all-reduced running statistics in flat into the model's buffers."""
+        if self.stats:
+            offset = self.bounds[-1][0]
+            for buffer in self.stats:
+                buffer.copy_(self.flat[offset:offset + buffer.numel()].view_as(buffer))
+                offset += buffer.numel()
+
     def complete(self, out: torch.Tensor) -> None:
         """After the last backward: zeros in `out` for the parameters it did not reach, and every
         .grad a view of flat again."""
         self.gathered = None
-        for index in range(len(self.params)):
+        for index in range(len(self.bounds)):
             if index not in self.filled:
                 lo, hi = self.bounds[index]
                 out[lo:hi].zero_()
@@ -198,12 +231,16 @@ class Learner:
         # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
         # summed gradient is the part's mean-loss gradient, as one pass would give
         micros = np.array_split(indices, min(self.accumulate, len(indices)))
+        gathered = self.flat_grad if on_device else out
         for k, micro in enumerate(micros):
+            last = k == len(micros) - 1
             # the last micro-batch's backward gathers each gradient as it is final
-            self.grads.gather_into((self.flat_grad if on_device else out) if k == len(micros) - 1 else None)
+            self.grads.gather_into(gathered if last else None)
             batch = to_device(fetch(self.train_set, micro), self.device)
             with autocast(self.device, self.precision):
                 loss = checked_loss(self.step(self.model, batch)) * (len(micro) / len(indices))
+            if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
+                self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
             if self.scaler is None:
                 (loss * share if self.prescaled else loss).backward()
             else:
@@ -212,7 +249,7 @@ class Learner:
                 # the all-reduce is then a plain sum, unscaled by the scaler (see update)
                 (self.scaler.scale(loss) * share).backward()
             value += loss.item()
-        self.grads.complete(self.flat_grad if on_device else out)
+        self.grads.complete(gathered)
         what = self._nonfinite(value)
         self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
         self.computing_since = None
@@ -234,9 +271,10 @@ class Learner:
     def update(self, finite: bool) -> None:
         """Step with the all-reduced gradient in host_grad; with `finite` false (on_nonfinite
         'skip'), drop the update. The schedule steps either way."""
+        if self.host_grad is not self.flat_grad:
+            self.flat_grad.copy_(self.host_grad, non_blocking=True)
+        self.grads.take_statistics()  # as one process's forward updated them, skipped step or not
         if finite:  # the same test on the same numbers: every replica decides alike
-            if self.host_grad is not self.flat_grad:
-                self.flat_grad.copy_(self.host_grad, non_blocking=True)
             self.grads.scatter()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
@@ -303,8 +341,8 @@ class Learner:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def digest(self) -> str:
-        """SHA-256 of the parameters' bytes: equal digests mean bit-identical replicas."""
+        """SHA-256 of the parameters' and buffers' bytes: equal digests mean bit-identical replicas."""
         h = hashlib.sha256()
-        for p in self.model.parameters():
-            h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+        for t in self.model.state_dict().values():  # parameters and buffers (BatchNorm's statistics)
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
         return h.hexdigest()
