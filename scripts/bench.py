@@ -45,6 +45,9 @@ def main() -> int:
     parser.add_argument("--allreduce", action="store_true",
                         help="only the all-reduce: seconds per all-reduce of 7.4 MB and 100 MB at W = 2, 4, 8 "
                              "(all-to-all vs reduce-scatter + all-gather vs gloo), and a raytorch step at W = 2 vs 8")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="only the input pipeline: a dataset waiting 1 ms per sample, W=2, batch 32; raytorch "
+                             "with and without loader_workers vs Ray Train with DataLoader workers")
     parser.add_argument("--multinode", action="store_true",
                         help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
                              "object-store and collective wires vs Ray Train (benchmarks/multinode.py)")
@@ -63,6 +66,12 @@ def main() -> int:
         import allreduce
 
         save({"allreduce": allreduce.main(args.rounds)}, args.json)
+        ray.shutdown()
+        return 0
+    if args.prefetch:
+        import prefetch
+
+        save({"prefetch": prefetch.main(args.rounds)}, args.json)
         ray.shutdown()
         return 0
     if args.straggler:

@@ -180,3 +180,28 @@ def test_batchnorm_statistics_never_diverge_and_the_running_mean_is_one_process(
     # the inputs' running mean is linear in the batch means: the same as one process's
     torch.testing.assert_close(result.model.inputs.running_mean, expected.inputs.running_mean, rtol=1e-5, atol=1e-6)
     assert int(result.model.inputs.num_batches_tracked) == int(expected.inputs.num_batches_tracked)
+
+
+class SlowDict(DictDataset):
+    """A __getitem__ that waits (as reading a file does) and says which thread fetched it."""
+
+    def __getitem__(self, i):
+        import threading
+        import time
+
+        time.sleep(0.0005)
+        return {**super().__getitem__(i), "thread": threading.current_thread().name}
+
+
+def loader_step(model, batch):
+    assert all(name.startswith("raytorch-loader") for name in batch["thread"]), batch["thread"]
+    return dict_step(model, batch)
+
+
+def test_loader_workers_fetch_in_the_background_and_train_the_same(ray_local):
+    config = TrainConfig(workers=2, epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3, loader_workers=3)
+    result = Trainer(config, model_fn=Classifier, dataset_fn=SlowDict, step_fn=loader_step, quiet=True).fit()
+    expected, losses = train_reference(lambda: Classifier().net, PAIRS(), F.cross_entropy, seed=3, epochs=2,
+                                       batch_size=32, lr=0.01, optimizer="adam")
+    assert_same_parameters(result.model.net, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)

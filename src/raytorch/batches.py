@@ -12,18 +12,28 @@ import torch
 from .errors import ConfigError
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """`batch` with every tensor in it moved to `device`: tensors, dicts, lists, tuples and named
+def tensors_mapped(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
+    """`batch` with fn applied to every tensor in it: tensors, dicts, lists, tuples and named
     tuples, nested; anything else (strings, ids) as it is."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({key: to_device(value, device) for key, value in batch.items()})
+        return type(batch)({key: tensors_mapped(fn, value) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(to_device(value, device) for value in batch))
+        return type(batch)(*(tensors_mapped(fn, value) for value in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
+        return type(batch)(tensors_mapped(fn, value) for value in batch)
     return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` with every tensor in it moved to `device`."""
+    return tensors_mapped(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def pin_memory(batch: Any) -> Any:
+    """`batch` with every tensor in it in pinned memory: copies to a GPU that do not block."""
+    return tensors_mapped(torch.Tensor.pin_memory, batch)
 
 
 def describe(item: Any) -> str:

@@ -111,6 +111,9 @@ class TrainConfig:
     precision: PrecisionName = run_defining("fp32")
     """Forward and loss under torch.autocast: 'fp32' (off), 'bf16', or 'fp16' with a loss scaler (torch.amp.GradScaler) whose skip-or-step decision every replica takes on the same all-reduced gradient, so replicas never diverge. Gradients and optimizer state stay fp32."""
 
+    loader_workers: int = 0
+    """Threads per replica fetching the samples of its next steps while the current step computes (for a __getitem__ that reads or decodes); 0 fetches in the step itself. Leave it 0 where __getitem__ draws from torch's random generator: threads would draw in no fixed order."""
+
     cpus_per_replica: float = 1.0
     """CPUs Ray reserves for each replica; torch's intra-op threads follow it (at least 1)."""
 
@@ -278,6 +281,8 @@ def _check_training(config: TrainConfig) -> None:
             f"{config.batch_size} is smaller than workers={config.workers}: every replica needs a sample; "
             f"raise batch_size or lower workers",
         )
+    if config.loader_workers < 0:
+        raise ConfigError("loader_workers", f"must be >= 0 threads, got {config.loader_workers}")
     if config.accumulate < 1:
         raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {config.accumulate}")
     if not config.lr > 0:

@@ -1,9 +1,10 @@
-"""Map-style datasets of (x, y) pairs, and fetching a batch of them by index."""
+"""Map-style datasets of (x, y) pairs, and fetching a batch of them by index, now or ahead."""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,3 +104,38 @@ def fetch(dataset: Dataset, indices: Sequence[int]):
     getitems = getattr(dataset, "__getitems__", None)  # torch's batched-fetch protocol
     samples = getitems(list(indices)) if getitems else [dataset[int(i)] for i in indices]
     return default_collate(samples)
+
+
+class Prefetcher:
+    """Fetches the batches of the next steps in background threads while the current step computes
+    (TrainConfig.loader_workers): a `__getitem__` that reads or decodes no longer stalls a step.
+
+    One thread fetches batches in the order asked; the samples of a batch come from `workers`
+    threads at once (I/O and most decoding release the GIL), then are collated. `prepare` runs on
+    each batch in the background too (pinning a GPU replica's batch)."""
+
+    def __init__(self, workers: int, prepare: Optional[Callable[[Any], Any]] = None):
+        self.batches = ThreadPoolExecutor(1, thread_name_prefix="raytorch-prefetch")
+        self.samples = ThreadPoolExecutor(workers, thread_name_prefix="raytorch-loader")
+        self.prepare = prepare or (lambda batch: batch)
+        self.pending: dict[bytes, Future] = {}
+
+    def ahead(self, dataset: Dataset, indices: np.ndarray) -> None:
+        """Start fetching the batch at `indices`."""
+        key = np.asarray(indices).tobytes()
+        if key not in self.pending:
+            self.pending[key] = self.batches.submit(self._fetch, dataset, indices)
+
+    def get(self, dataset: Dataset, indices: np.ndarray):
+        """The batch at `indices`: the one fetched ahead, or fetched now."""
+        future = self.pending.pop(np.asarray(indices).tobytes(), None)
+        return future.result() if future is not None else self._fetch(dataset, indices)
+
+    def _fetch(self, dataset: Dataset, indices: np.ndarray):
+        if isinstance(dataset, (ArrayDataset, NpyDataset)) or hasattr(dataset, "__getitems__"):
+            return self.prepare(fetch(dataset, indices))
+        return self.prepare(default_collate(list(self.samples.map(dataset.__getitem__, map(int, indices)))))
+
+    def clear(self) -> None:
+        """Forget batches fetched ahead (the steps they were for will not come: a restore)."""
+        self.pending.clear()

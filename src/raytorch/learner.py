@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batches import SupervisedStep, checked_loss, describe, to_device
+from .batches import SupervisedStep, checked_loss, describe, pin_memory, to_device
 from .config import TrainConfig
-from .data import fetch
+from .data import Prefetcher, fetch
 from .device import autocast
 from .optim import make_optimizer, make_schedule
 from .snapshot import Snapshot
@@ -176,6 +176,8 @@ class Learner:
         self.supervised = SupervisedStep(loss_fn) if step_fn is None else None
         self.step = step_fn or self.supervised
         self.train_set, self.eval_set = train_set, eval_set
+        pin = pin_memory if device.type == "cuda" else None  # copies to the GPU without blocking
+        self.loader = Prefetcher(config.loader_workers, pin) if config.loader_workers else None
         self.grads = FlatGradient(self.model, self.device, check=config.precision != "fp16")
         self.flat_grad = self.grads.flat
         # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
@@ -230,13 +232,14 @@ class Learner:
         value = 0.0
         # accumulate > 1: the part in micro-batches, each weighted by its share of the part, so the
         # summed gradient is the part's mean-loss gradient, as one pass would give
-        micros = np.array_split(indices, min(self.accumulate, len(indices)))
+        micros = self.micro_batches(indices)
         gathered = self.flat_grad if on_device else out
         for k, micro in enumerate(micros):
             last = k == len(micros) - 1
             # the last micro-batch's backward gathers each gradient as it is final
             self.grads.gather_into(gathered if last else None)
-            batch = to_device(fetch(self.train_set, micro), self.device)
+            batch = to_device(self.loader.get(self.train_set, micro) if self.loader else fetch(self.train_set, micro),
+                              self.device)
             with autocast(self.device, self.precision):
                 loss = checked_loss(self.step(self.model, batch)) * (len(micro) / len(indices))
             if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
@@ -258,6 +261,16 @@ class Learner:
             # also orders any earlier host-to-device copy of host_grad before it is written again
             torch.cuda.current_stream(self.device).synchronize()
         return value, what
+
+    def micro_batches(self, indices: np.ndarray) -> list[np.ndarray]:
+        """A part's micro-batches (accumulate > 1), each of near-equal size."""
+        return np.array_split(indices, min(self.accumulate, len(indices)))
+
+    def ahead(self, indices: np.ndarray) -> None:
+        """The samples at `indices` come next: fetch them in the background (loader_workers)."""
+        if self.loader is not None and len(indices):
+            for micro in self.micro_batches(indices):
+                self.loader.ahead(self.train_set, micro)
 
     def _nonfinite(self, loss: float) -> Optional[str]:
         """What is not finite: the loss, the gradient, or nothing (None)."""
@@ -320,6 +333,8 @@ class Learner:
                         steps=steps, losses=losses)
 
     def restore(self, snapshot: Snapshot) -> None:
+        if self.loader is not None:
+            self.loader.clear()  # fetched ahead for steps this state may not take next
         self.model.load_state_dict(snapshot.model)
         self.optimizer.load_state_dict(snapshot.optimizer)
         self.schedule.load_state_dict(snapshot.schedule)

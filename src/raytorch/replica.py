@@ -150,7 +150,9 @@ class Replica:
         """
         handoff, losses, seconds = None, [], []
         reducing, applied = 0.0, 0
-        for indices, reduce, share in plan:
+        for step, (indices, reduce, share) in enumerate(plan):
+            if step + 1 < len(plan):  # the next step's samples, fetched while this one computes
+                self.learner.ahead(plan[step + 1][0])
             started, waited = time.monotonic(), self.wire.waited
             if reduce is not None:
                 reducing += self._apply(reduce, grads)
