@@ -49,13 +49,22 @@ def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     return TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags"), options
 
 
+# A recipe's fields that go together: an lr and schedule tuned for one optimizer do not fit another,
+# so where the flags or the file set any of a group, the recipe sets none of it.
+RECIPE_GROUPS = (("optimizer", "lr", "lr_schedule", "warmup_steps"), ("batch_size",), ("epochs",))
+
+
 def with_recipe(values: dict) -> dict:
-    """`values` with what a built-in dataset's recipe sets (model aside: optimizer, lr, schedule,
-    batch size, epochs) filled in where neither the file nor the flags give it."""
+    """`values` with what a built-in dataset's recipe sets (optimizer with lr and schedule, batch
+    size, epochs), group by group, where neither the file nor the flags set any of the group."""
     from .builtins import RECIPES
 
     recipe = RECIPES.get(values.get("dataset", "linear"), {})
-    return {**recipe, **values}
+    filled = dict(values)
+    for group in RECIPE_GROUPS:
+        if not any(name in values for name in group):
+            filled.update({name: recipe[name] for name in group if name in recipe})
+    return filled
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:

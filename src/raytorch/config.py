@@ -23,6 +23,7 @@ PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
 SplitName = Literal["even", "adaptive"]
+InitName = Literal["default", "zeros"]
 
 # Fields that take pkg.module:fn as well as a built-in name.
 IMPORTABLE = ("optimizer", "lr_schedule")
@@ -89,6 +90,9 @@ class TrainConfig:
 
     drop_last: bool = run_defining(False)
     """Drop the last, partial global batch of each epoch."""
+
+    init: InitName = run_defining("default")
+    """Initial parameters: 'default' (the model's own initialization after torch.manual_seed(seed)) or 'zeros' (every parameter 0: the seed note's w = b = 0)."""
 
     model: Optional[str] = run_defining(None)
     """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module); default: the built-in dataset's ('linear' for linear, 'mlp' for the others). The Python API takes model_fn instead."""

@@ -80,6 +80,10 @@ class Trainer:
         # The contract's starting point: model_fn() right after torch.manual_seed(seed).
         torch.manual_seed(config.seed)
         model = self.model_fn()
+        if config.init == "zeros":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
         init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if running_statistics(model):
             output.say("the model has BatchNorm: each replica normalizes by its own part's batch statistics, so the "
