@@ -88,7 +88,7 @@ class PlainDataset(torch.utils.data.Dataset):
 
 def test_bring_your_own_model_and_dataset_with_eval(ray_local, tmp_path):
     model_fn = partial(torch.nn.Linear, 3, 1)
-    config = TrainConfig(workers=2, epochs=4, batch_size=16, lr=0.05, optimizer="adamw", seed=5,
+    config = TrainConfig(workers=2, epochs=4, batch_size=16, lr=0.05, optimizer="adamw", lr_schedule="cosine", seed=5,
                          output_dir=str(tmp_path / "run"))
     result = Trainer(config, model_fn=model_fn, dataset_fn=partial(PlainDataset, 75), loss_fn=F.mse_loss,
                      eval_dataset_fn=partial(PlainDataset, 9)).fit()

@@ -2,6 +2,7 @@
 half runs where a GPU is (scripts/gpu_check.sh); here, everything that needs none."""
 
 import pytest
+import torch.nn.functional as F
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
@@ -37,7 +38,7 @@ def test_room_is_checked_per_kind_and_in_all():
 def test_a_mixed_run_without_gpus_fails_before_any_replica_starts(ray_local):
     config = TrainConfig(workers=2, devices="cpu,cuda", batch_size=8)
     with pytest.raises(ClusterError, match=r"puts replica\(s\) 1 on cuda, but the cluster has no GPU"):
-        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(32, 0), loss_fn=None, quiet=True).fit()
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(32, 0), loss_fn=F.mse_loss, quiet=True).fit()
 
 
 def test_whole_gpu_replicas_see_their_node_and_pick_their_own_by_ray_id():

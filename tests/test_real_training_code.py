@@ -208,20 +208,20 @@ def test_loader_workers_fetch_in_the_background_and_train_the_same(ray_local):
 
 
 def test_the_seed_notes_run_is_retraced(ray_local, capsys):
-    """The note's table (epochs 0-2): w = b = 0, its list walked in order, one sample a step, SGD 1e-4.
+    """The note's table (epochs 0-1): w = b = 0, its list walked in order, one sample a step, SGD 1e-4.
     Its data came from an unseeded random.randrange: the figures agree to what the data changes."""
     from raytorch.cli import parse_config
     from raytorch.resolve import training
 
     config = parse_config(["--batch-size", "1", "--workers", "1", "--lr", "1e-4", "--optimizer", "sgd",
-                           "--init", "zeros", "--no-shuffle", "--epochs", "3"])
+                           "--init", "zeros", "--no-shuffle", "--epochs", "2"])
     assert config.schedule == "constant"  # the linear recipe's cosine goes with its Adam, not with sgd
     what = training(config)
     Trainer(config, model_fn=what.model_fn, dataset_fn=what.dataset_fn, loss_fn=what.loss_fn).fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
     traced = [tuple(float(v) for v in line.split("(w=")[1].split(",")[0:1] + line.split("b=")[1][:5].split())
               for line in lines]
-    note = [(2.011, 0.402), (2.007, 0.637), (2.004, 0.780)]
-    assert len(traced) == 3
+    note = [(2.011, 0.402), (2.007, 0.637)]
+    assert len(traced) == 2
     for (w, b), (note_w, note_b) in zip(traced, note):
         assert abs(w - note_w) < 0.03 and abs(b - note_b) < 0.03, (traced, note)
