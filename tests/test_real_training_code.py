@@ -225,3 +225,17 @@ def test_the_seed_notes_run_is_retraced(ray_local, capsys):
     assert len(traced) == 2
     for (w, b), (note_w, note_b) in zip(traced, note):
         assert abs(w - note_w) < 0.03 and abs(b - note_b) < 0.03, (traced, note)
+
+
+def test_compiled_models_train_what_one_process_trains(ray_local):
+    model_fn, data = partial(mlp, 16, 4, 32), partial(classification_data, 128, 4)  # parts of 16: one shape
+    config = TrainConfig(workers=2, epochs=1, batch_size=32, lr=0.05, optimizer="sgd", seed=1, split="even",
+                         compile=True)
+    result = Trainer(config, model_fn=model_fn, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, seed=1, epochs=1, batch_size=32, lr=0.05,
+                                       optimizer="sgd")
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    replica = Replica(0, config, model_fn=model_fn, loss_fn=F.cross_entropy, init_state=model_fn().state_dict(),
+                      train_set=data(), eval_set=None, total_steps=1)
+    assert isinstance(replica.learner.forward, torch._dynamo.eval_frame.OptimizedModule)  # what the steps ran

@@ -115,6 +115,9 @@ class TrainConfig:
     precision: PrecisionName = run_defining("fp32")
     """Forward and loss under torch.autocast: 'fp32' (off), 'bf16', or 'fp16' with a loss scaler (torch.amp.GradScaler) whose skip-or-step decision every replica takes on the same all-reduced gradient, so replicas never diverge. Gradients and optimizer state stay fp32."""
 
+    compile: bool = False
+    """torch.compile each replica's model (inductor; compiled on the first steps, which run slower): the same math, to float tolerance."""
+
     loader_workers: int = 0
     """Threads per replica fetching the samples of its next steps while the current step computes (for a __getitem__ that reads or decodes); 0 fetches in the step itself. Leave it 0 where __getitem__ draws from torch's random generator: threads would draw in no fixed order."""
 

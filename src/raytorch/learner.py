@@ -173,6 +173,8 @@ class Learner:
         self.device = device
         self.model = model_fn().to(self.device)
         self.model.load_state_dict(init_state)
+        # what forward runs: the model, or its compiled form (same parameters, same state_dict)
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.supervised = SupervisedStep(loss_fn) if step_fn is None else None
         self.step = step_fn or self.supervised
         self.train_set, self.eval_set = train_set, eval_set
@@ -241,7 +243,7 @@ class Learner:
             batch = to_device(self.loader.get(self.train_set, micro) if self.loader else fetch(self.train_set, micro),
                               self.device)
             with autocast(self.device, self.precision):
-                loss = checked_loss(self.step(self.model, batch)) * (len(micro) / len(indices))
+                loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
             if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
                 self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
             if self.scaler is None:
@@ -313,11 +315,11 @@ class Learner:
                 part = indices[start:start + chunk]
                 batch = to_device(fetch(self.eval_set, part), self.device)
                 if self.supervised is None:  # the user's step: its loss, no accuracy
-                    total += checked_loss(self.step(self.model, batch)).item() * len(part)
+                    total += checked_loss(self.step(self.forward, batch)).item() * len(part)
                     classifier = False
                     continue
                 x, y = self.supervised.split(batch)
-                output = self.model(x)
+                output = self.forward(x)
                 total += checked_loss(self.supervised.loss(output, y)).item() * len(part)
                 classifier = classifier and output.dim() == 2 and output.shape[1] > 1 and not y.is_floating_point()
                 if classifier:
