@@ -61,6 +61,14 @@ def point_grads(params: list[nn.Parameter], flat: torch.Tensor, narrow: dict[int
         offset += p.numel()
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of the parameters' and buffers' bytes: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():  # parameters and buffers (BatchNorm's statistics)
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return h.hexdigest()
+
+
 def with_spare(flat: torch.Tensor, spare: int) -> torch.Tensor:
     """`flat` and the `spare` elements after it in its storage, as one tensor (a view: no copy)."""
     return flat.new_empty(0).set_(flat.untyped_storage(), flat.storage_offset(), (flat.numel() + spare,))
@@ -358,8 +366,4 @@ class Learner:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def digest(self) -> str:
-        """SHA-256 of the parameters' and buffers' bytes: equal digests mean bit-identical replicas."""
-        h = hashlib.sha256()
-        for t in self.model.state_dict().values():  # parameters and buffers (BatchNorm's statistics)
-            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-        return h.hexdigest()
+        return state_digest(self.model)
