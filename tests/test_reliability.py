@@ -238,3 +238,43 @@ def test_killed_driver_rerun_with_resume_finishes_the_job(ray_local, tmp_path):
     task = DATASETS["linear"]
     expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **JOB)
     assert_same_parameters(model, expected)
+
+
+def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ray_local, tmp_path):
+    """What `ray job stop`, Kubernetes and Slurm send: the run stops after the calls in flight, writes a
+    checkpoint (no periodic one is asked for), prints the command that resumes it, exits 143; that
+    command finishes the run with plain PyTorch's result."""
+    run = tmp_path / "run"
+    job = dict(JOB, epochs=8)
+    args = ["--address", ray_local.get_runtime_context().gcs_address, "--epochs", "8", "--batch-size", "16",
+            "--lr", "1e-4", "--optimizer", "sgd", "--seed", "3", "--workers", "2", "--output-dir", str(run),
+            "--log-every", "1"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    train = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    driver = subprocess.Popen(train + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        wait_for(lambda: (metrics.exists() and '"step"' in metrics.read_text()) or driver.poll() is not None,
+                 "the run's first steps")
+        assert driver.poll() is None, "the run finished before it could be stopped"
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 143, stderr
+    assert listed(run) and not (run / "model.pt").exists()
+    said = [line for line in stderr.splitlines() if "resume with: raytorch train " in line]
+    assert said and said[0].startswith("raytorch: stopped by SIGTERM before step "), stderr
+    resume = said[0].split("resume with: raytorch train ", 1)[1].split()
+    assert resume[-2:] == ["--resume", str(run)]
+    done = subprocess.run(train + resume, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    model = torch.nn.Linear(1, 1)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    from raytorch.builtins import DATASETS
+
+    task = DATASETS["linear"]
+    expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **job)
+    assert_same_parameters(model, expected)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import signal
 import sys
 import typing
 from typing import Optional, Sequence
@@ -11,7 +13,8 @@ from typing import Optional, Sequence
 import yaml
 
 from .config import TrainConfig, field_choices, field_docs, read_yaml
-from .errors import ConfigError, RaytorchError
+from .errors import ConfigError, Interrupted, RaytorchError
+from .signals import EXIT_CODES
 
 
 def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
@@ -87,6 +90,16 @@ def train(argv: Sequence[str]) -> int:
     except RaytorchError as e:
         print(f"raytorch: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as stopped:  # a first SIGINT or SIGTERM: stopped between steps
+        name = signal.Signals(stopped.signum).name
+        if stopped.checkpoint:
+            resume = [] if "--resume" in argv else ["--resume", config.output_dir]
+            print(f"raytorch: stopped by {name} before step {stopped.step}; resume with: raytorch train "
+                  f"{shlex.join([*argv, *resume])}", file=sys.stderr)
+        else:
+            print(f"raytorch: stopped by {name} before step {stopped.step} (no --output-dir: nothing to resume from)",
+                  file=sys.stderr)
+        return EXIT_CODES.get(stopped.signum, 130)
     except KeyboardInterrupt:
         print("raytorch: interrupted", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ from .report import is_scalar_linear
 from .resolve import imported_fns
 from .result import TrainResult
 from .runplan import RunPlan
+from .signals import StopRequest
 
 __all__ = ["Trainer", "TrainResult"]
 
@@ -92,7 +93,8 @@ class Trainer:
                        "LayerNorm, or keep workers and --split even the same between runs")
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
-        with ray_session(config.address, metadata) as session:
+        # the signal handlers after Ray's start: ray.init installs its own for SIGTERM
+        with ray_session(config.address, metadata) as session, StopRequest() as stop:
             try:
                 output.started(run_name, session.gcs_address, session.dashboard_url)
                 config = resolve_device(config, session.resources)
@@ -110,7 +112,7 @@ class Trainer:
                         output.resumed(checkpoints.last, at.epoch, snapshot.steps)
                     loop = EpochLoop(config, group, plan, at, output, checkpoints,
                                      len(eval_set) if eval_set is not None else 0, is_scalar_linear(init_state),
-                                     fit_started)
+                                     fit_started, stop)
                     try:
                         result = loop.run(model)
                     except ReplicaError:

@@ -38,3 +38,12 @@ class NonFiniteError(ReplicaError):
 
 class CheckpointError(RaytorchError):
     """A checkpoint cannot be read or does not belong to this run; the message says which and why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT or SIGTERM); `checkpoint` is where it can resume from
+    (None where no checkpoint was written), `step` the global step it stopped before."""
+
+    def __init__(self, signum: int, checkpoint: str | None = None, step: int | None = None):
+        super().__init__(signum, checkpoint, step)
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step

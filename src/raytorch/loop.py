@@ -4,6 +4,7 @@ replicas without leaving the loop."""
 from __future__ import annotations
 
 import math
+import signal
 import time
 from typing import Optional
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .checkpoint import RunCheckpoints
 from .config import TrainConfig
-from .errors import ReplicaLost
+from .errors import Interrupted, ReplicaLost
 from .group import ReplicaGroup
 from .output import RunOutput
 from .pipeline import StepPipeline
@@ -23,18 +24,21 @@ from .report import replica_name
 from .result import TrainResult
 from .runplan import RunPlan
 from .sharding import split_batch
+from .signals import StopRequest
 
 
 class EpochLoop:
     """Runs `plan` on `group` from `at`: steps, evaluation, early stopping, logs, checkpoints."""
 
     def __init__(self, config: TrainConfig, group: ReplicaGroup, plan: RunPlan, at: Position, output: RunOutput,
-                 checkpoints: RunCheckpoints, eval_size: int, scalar_linear: bool, fit_started: float):
+                 checkpoints: RunCheckpoints, eval_size: int, scalar_linear: bool, fit_started: float,
+                 stop: Optional[StopRequest] = None):
         self.config, self.group, self.plan, self.at = config, group, plan, at
         self.output, self.checkpoints = output, checkpoints
         self.eval_size = eval_size
         self.scalar_linear = scalar_linear  # the seed's model: each epoch's line shows w and b
-        self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept)
+        self.stop = stop or StopRequest()  # a signal asks the run to stop between calls
+        self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept, lambda: self.stop.requested)
         self.recovery = Recovery(config, group, self.pipeline, output, plan, RecoveryPolicy(config.min_workers),
                                  self.checkpoint, checkpoints.kept)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
@@ -46,8 +50,20 @@ class EpochLoop:
 
     def run(self, model: nn.Module) -> TrainResult:
         """The epoch loop; returns the result with `model` holding the trained weights."""
-        at, started = self.at, time.perf_counter()
+        started = time.perf_counter()
+        self.stop.listening = True
+        try:
+            self.epochs()
+        finally:
+            self.stop.listening = False
+        return self.finish(model, time.perf_counter() - started)
+
+    def epochs(self) -> None:
+        """The epochs from where the run stands to its end (or its early stop)."""
+        at = self.at
         while at.epoch < self.plan.epochs:
+            if self.stop.requested:  # a signal: stop here, with a checkpoint
+                self.interrupt()
             batches = self.plan.batches_of(at.epoch)
             if self.epoch_started is None:  # not again when the epoch goes on after a loss
                 self.epoch_started = time.perf_counter()
@@ -74,7 +90,6 @@ class EpochLoop:
             at.next_epoch()
             self.epoch_started = None
             self.checkpoint()
-        return self.finish(model, time.perf_counter() - started)
 
     def steps(self, batches: list) -> None:
         """The epoch's steps from at.index on, stopping where a checkpoint or an evaluation is due."""
@@ -86,6 +101,8 @@ class EpochLoop:
             end = min([len(batches)] + [at.index + every - step % every
                                         for every in (self.config.checkpoint_every, self.config.eval_every) if every])
             self.pipeline.run(at, batches, end)
+            if self.stop.requested:  # a signal: the calls in flight are done; stop with a checkpoint
+                self.interrupt()
             if end < len(batches):  # mid-epoch: a checkpoint and/or an evaluation is due (the epoch's end has its own)
                 self.midway(self.plan.first_step(at.epoch) + end)
         self.output.epoch_steps_done()
@@ -147,6 +164,14 @@ class EpochLoop:
         path = self.checkpoints.save(snapshot, self.at, self.plan.first_step(self.at.epoch))
         self.output.checkpointed(snapshot.steps, path)
         return path
+
+    def interrupt(self) -> None:
+        """Stop on a signal where the run stands: a checkpoint (where output_dir is set), then Interrupted."""
+        step = self.plan.first_step(self.at.epoch) + self.at.index
+        path = self.checkpoint()
+        self.output.say(f"stopped by {signal.Signals(self.stop.signum).name} before step {step}"
+                        + (f"; checkpoint {path}" if path else " (no output_dir: no checkpoint)"))
+        raise Interrupted(self.stop.signum, str(path) if path else None, step)
 
     def finish(self, model: nn.Module, wall_s: float) -> TrainResult:
         """The closing lines, and the result, with `model` loaded with the replicas' weights."""

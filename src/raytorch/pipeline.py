@@ -42,8 +42,10 @@ class StepPipeline:
     the timing of the current epoch."""
 
     def __init__(self, group: ReplicaGroup, config: TrainConfig, plan: RunPlan, output: RunOutput,
-                 kept: Callable[[], str]):
+                 kept: Callable[[], str], stopping: Callable[[], bool] = lambda: False):
+        """stopping(): true once the run is to stop (a signal): no call is started after it."""
         self.group, self.config, self.plan, self.output, self.kept = group, config, plan, output, kept
+        self.stopping = stopping
         self.pending: deque[Call] = deque()  # oldest first
         self.applying: list = []  # refs of the apply calls that end a run of steps
         self.carry: Optional[Reduce] = None  # the last planned all-reduce, not applied yet
@@ -72,10 +74,11 @@ class StepPipeline:
         self.speeds, self.shares = SpeedEstimate(self.group.size), None
 
     def run(self, at: Position, batches: list, end: int) -> None:
-        """Run steps at.index .. end - 1 of the epoch whose global batches are `batches`. On return
-        every replica has applied them all, and their losses are in `at`."""
+        """Run steps at.index .. end - 1 of the epoch whose global batches are `batches` (fewer where
+        the run is stopping). On return every replica has applied them all, and their losses are in
+        `at` (at.index is past them)."""
         first, done, wire = self.plan.first_step(at.epoch), at.index, self.group.wire
-        while done < end:
+        while done < end and not self.stopping():
             chunk = batches[done:min(end, done + steps_per_call(wire, self.step_time))]
             # split each batch: contiguous parts, part r to replica r (near-equal, or sized so all
             # replicas finish together with --split adaptive), and plan the all-reduce of each
@@ -103,7 +106,7 @@ class StepPipeline:
                 self._collect(at)
             done += len(chunk)
         # step: every replica applies the last all-reduce
-        self.applying = self.group.apply(self.carry, self.carried)
+        self.applying = self.group.apply(self.carry, self.carried) if self.carry is not None else []
         self.carry, self.carried = None, []
         while self.pending:
             self._collect(at)
