@@ -278,3 +278,28 @@ def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ra
     task = DATASETS["linear"]
     expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **job)
     assert_same_parameters(model, expected)
+
+
+def test_a_killed_driver_leaves_nothing_of_the_local_ray_it_started(tmp_path):
+    """SIGKILL of a driver that started its own local Ray: within 10 s none of the processes it
+    started (Ray's agents included) is left."""
+    import psutil
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "500",
+                               "--output-dir", str(tmp_path / "run"), "--log-every", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        wait_for(lambda: (metrics.exists() and '"step"' in metrics.read_text()) or driver.poll() is not None,
+                 "the run's first steps")
+        assert driver.poll() is None
+        started = psutil.Process(driver.pid).children(recursive=True)
+        agents = [p for p in started if "Agent" in " ".join(p.cmdline())]
+        assert agents, [p.cmdline()[:1] for p in started]  # Ray's agents, the ones that used to stay
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait()
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [(p.pid, p.cmdline()[:1]) for p in alive]

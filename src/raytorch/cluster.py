@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 
 import ray
 
+from . import watchdog
 from .errors import ClusterError
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -108,9 +109,14 @@ def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]
             keep_on_loopback()
         _init(metadata, address=target)
         session = _describe(started_here=False)
+    # a local Ray's agents would outlive a driver killed with SIGKILL: its watchdog ends them
+    guard = watchdog.start(os.getpid()) if target is None else None
     try:
         yield session
     finally:
+        if guard is not None:
+            guard.kill()  # the driver ends normally: its watchdog first, then Ray ends its own processes
+            guard.wait()
         ray.shutdown()
 
 
