@@ -152,9 +152,8 @@ class SharedMemoryWire:
         return torch.from_numpy(self.own.grads[step % 2])
 
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
-        buffer = self.target(step)
-        if flat.data_ptr() != buffer.data_ptr():
-            buffer.copy_(flat)
+        if flat.data_ptr() != self.own.grads[step % 2].ctypes.data:  # not gathered in place (target)
+            self.target(step).copy_(flat)
         self.own.control[LOSS:].view(np.float64)[step % 2] = loss
         self.own.control[PUBLISHED] = step  # last: a peer that sees the step sees its buffer and loss
         return self.rank, step
