@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from .augment import seeded
+
+Key = Optional[tuple[int, int]]  # (seed, epoch) of a training fetch: each sample's augmentation is seeded
+
 
 class ArrayDataset(Dataset):
     """(x[i], y[i]) pairs backed by numpy arrays.
@@ -97,13 +101,21 @@ def _open_npy(path: str) -> np.ndarray:
     return array
 
 
-def fetch(dataset: Dataset, indices: Sequence[int]):
-    """Collate the samples at `indices` into one batch, the way DataLoader would."""
+def fetch(dataset: Dataset, indices: Sequence[int], key: Key = None):
+    """Collate the samples at `indices` into one batch, the way DataLoader would; with `key`,
+    each sample is fetched within augment.seeded(*key, index)."""
     if isinstance(dataset, (ArrayDataset, NpyDataset)):
         return dataset.batch(indices)
     getitems = getattr(dataset, "__getitems__", None)  # torch's batched-fetch protocol
-    samples = getitems(list(indices)) if getitems else [dataset[int(i)] for i in indices]
-    return default_collate(samples)
+    return default_collate(getitems(list(indices)) if getitems else [item(dataset, i, key) for i in indices])
+
+
+def item(dataset: Dataset, index: int, key: Key = None):
+    """dataset[index]; with `key`, its augmentation seeded (augment.sample_generator)."""
+    if key is None:
+        return dataset[int(index)]
+    with seeded(*key, int(index)):
+        return dataset[int(index)]
 
 
 class Prefetcher:
@@ -120,21 +132,22 @@ class Prefetcher:
         self.prepare = prepare or (lambda batch: batch)
         self.pending: dict[bytes, Future] = {}
 
-    def ahead(self, dataset: Dataset, indices: np.ndarray) -> None:
-        """Start fetching the batch at `indices`."""
-        key = np.asarray(indices).tobytes()
-        if key not in self.pending:
-            self.pending[key] = self.batches.submit(self._fetch, dataset, indices)
+    def ahead(self, dataset: Dataset, indices: np.ndarray, key: Key = None) -> None:
+        """Start fetching the batch at `indices` (key: see fetch)."""
+        name = (np.asarray(indices).tobytes(), key)
+        if name not in self.pending:
+            self.pending[name] = self.batches.submit(self._fetch, dataset, indices, key)
 
-    def get(self, dataset: Dataset, indices: np.ndarray):
+    def get(self, dataset: Dataset, indices: np.ndarray, key: Key = None):
         """The batch at `indices`: the one fetched ahead, or fetched now."""
-        future = self.pending.pop(np.asarray(indices).tobytes(), None)
-        return future.result() if future is not None else self._fetch(dataset, indices)
+        future = self.pending.pop((np.asarray(indices).tobytes(), key), None)
+        return future.result() if future is not None else self._fetch(dataset, indices, key)
 
-    def _fetch(self, dataset: Dataset, indices: np.ndarray):
+    def _fetch(self, dataset: Dataset, indices: np.ndarray, key: Key):
         if isinstance(dataset, (ArrayDataset, NpyDataset)) or hasattr(dataset, "__getitems__"):
-            return self.prepare(fetch(dataset, indices))
-        return self.prepare(default_collate(list(self.samples.map(dataset.__getitem__, map(int, indices)))))
+            return self.prepare(fetch(dataset, indices, key))
+        samples = self.samples.map(lambda index: item(dataset, index, key), indices)
+        return self.prepare(default_collate(list(samples)))
 
     def clear(self) -> None:
         """Forget batches fetched ahead (the steps they were for will not come: a restore)."""

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import Prefetcher, fetch
 from .device import autocast
 from .optim import make_optimizer, make_schedule
+from .sharding import steps_per_epoch
 from .snapshot import Snapshot
 
 
@@ -169,6 +170,17 @@ class FlatGradient:
             self.on_ready(index)
 
 
+def host_buffers(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the gradient is all-reduced on the host: (host_buffer, staging). On CPU both are the
+    flat gradient itself. On a GPU, gradients cross to the host through pinned buffers (copies
+    that do not block the host): `staging` takes this replica's gradient out; the reduced one comes
+    back in `host_buffer`, which has one element more, where a collective carries the loss."""
+    if flat.device.type == "cpu":
+        return with_spare(flat, 1), flat
+    return (torch.empty(flat.numel() + 1, dtype=flat.dtype, pin_memory=True),
+            torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True))
+
+
 class Learner:
     """The model, optimizer, schedule and loss scaler of one replica, on `device`."""
 
@@ -186,24 +198,14 @@ class Learner:
         self.supervised = SupervisedStep(loss_fn) if step_fn is None else None
         self.step = step_fn or self.supervised
         self.train_set, self.eval_set = train_set, eval_set
+        per_epoch = steps_per_epoch(len(train_set), config.step_batch, config.drop_last)
+        self.key = lambda step: (config.seed, step // per_epoch)  # seeds a step's augmentation: augment.py
         pin = pin_memory if device.type == "cuda" else None  # copies to the GPU without blocking
         self.loader = Prefetcher(config.loader_workers, pin) if config.loader_workers else None
         self.grads = FlatGradient(self.model, self.device, check=config.precision != "fp16")
         self.flat_grad = self.grads.flat
-        # The all-reduced gradient is summed on the host; on CPU that is the flat buffer itself.
-        # On a GPU, gradients cross to the host through pinned buffers (copies without blocking the
-        # host): `staging` takes this replica's gradient out, `host_grad` brings the reduced one back.
-        # `host_buffer` is host_grad and one element more, where a collective carries the loss.
-        def pinned(numel: int) -> torch.Tensor:
-            return torch.empty(numel, dtype=self.flat_grad.dtype, pin_memory=True)
-
-        numel = self.flat_grad.numel()
-        if self.device.type == "cpu":
-            self.host_grad = self.staging = self.flat_grad
-            self.host_buffer = with_spare(self.flat_grad, 1)
-        else:
-            self.host_buffer, self.staging = pinned(numel + 1), pinned(numel)
-            self.host_grad = self.host_buffer[:numel]
+        self.host_buffer, self.staging = host_buffers(self.flat_grad)
+        self.host_grad = self.staging if self.device.type == "cpu" else self.host_buffer[:self.flat_grad.numel()]
         self.optimizer = (optimizer_fn(self.model) if optimizer_fn is not None else
                           make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay))
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -229,10 +231,10 @@ class Learner:
         self.host_grad = self.staging = self.flat_grad
         self.host_buffer = with_spare(self.flat_grad, 1)
 
-    def gradient(self, indices: np.ndarray, share: float, into: Optional[torch.Tensor] = None
+    def gradient(self, indices: np.ndarray, share: float, into: Optional[torch.Tensor] = None, step: int = 0
                  ) -> tuple[float, Optional[str]]:
-        """The gradient of the mean loss over the samples at `indices` (a part of `share` of the
-        global batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
+        """The gradient of global step `step`'s mean loss over the samples at `indices` (a part of
+        `share` of the batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
         the local mean loss and what of it or the gradient is not finite (None where both are)."""
         self.computing_since = time.monotonic()
         # backward into fresh gradients, each gathered as soon as it is final (FlatGradient)
@@ -248,7 +250,7 @@ class Learner:
             last = k == len(micros) - 1
             # the last micro-batch's backward gathers each gradient as it is final
             self.grads.gather_into(gathered if last else None)
-            batch = to_device(self.loader.get(self.train_set, micro) if self.loader else fetch(self.train_set, micro),
+            batch = to_device((self.loader.get if self.loader else fetch)(self.train_set, micro, self.key(step)),
                               self.device)
             with autocast(self.device, self.precision):
                 loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
@@ -276,11 +278,12 @@ class Learner:
         """A part's micro-batches (accumulate > 1), each of near-equal size."""
         return np.array_split(indices, min(self.accumulate, len(indices)))
 
-    def ahead(self, indices: np.ndarray) -> None:
-        """The samples at `indices` come next: fetch them in the background (loader_workers)."""
+    def ahead(self, indices: np.ndarray, step: int) -> None:
+        """The samples at `indices` come next, in global step `step`: fetch them in the background
+        (loader_workers)."""
         if self.loader is not None and len(indices):
             for micro in self.micro_batches(indices):
-                self.loader.ahead(self.train_set, micro)
+                self.loader.ahead(self.train_set, micro, self.key(step))
 
     def _nonfinite(self, loss: float) -> Optional[str]:
         """What is not finite: the loss, the gradient, or nothing (None)."""

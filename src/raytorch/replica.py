@@ -152,7 +152,7 @@ class Replica:
         reducing, applied = 0.0, 0
         for step, (indices, reduce, share) in enumerate(plan):
             if step + 1 < len(plan):  # the next step's samples, fetched while this one computes
-                self.learner.ahead(plan[step + 1][0])
+                self.learner.ahead(plan[step + 1][0], self.steps + (reduce is not None) + 1)
             started, waited = time.monotonic(), self.wire.waited
             if reduce is not None:
                 reducing += self._apply(reduce, grads)
@@ -180,7 +180,7 @@ class Replica:
         if len(indices) == 0:
             return None, None, 0.0
         into = self.wire.target(self.steps)
-        loss, what = self.learner.gradient(indices, share, into)
+        loss, what = self.learner.gradient(indices, share, into, self.steps)
         if what is not None:
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}")
