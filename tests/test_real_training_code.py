@@ -293,3 +293,76 @@ def test_seeded_augmentation_with_loader_workers_trains_what_one_process_trains(
         first = Augmented()[0][0]
     with raytorch.seeded(4, 1, 0):
         assert not torch.equal(first, Augmented()[0][0])  # another epoch, another draw
+
+
+class NormedCNN(torch.nn.Module):
+    """A small ResNet-style stem: convolutions with BatchNorm2d, a head with BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+            torch.nn.Conv2d(6, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8, momentum=None), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 16), torch.nn.BatchNorm1d(16),
+                                        torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def images():
+    from raytorch.data import ArrayDataset
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(100, 1, 8, 8)).astype(np.float32) + 0.5  # a mean away from 0: the statistics matter
+    y = (x[:, 0, :4].sum(axis=(1, 2)) > 8).astype(np.int64) + 2 * (x[:, 0, :, :4].sum(axis=(1, 2)) > 8)
+    return ArrayDataset(x, y)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_sync_batchnorm_cnn_trains_what_one_process_trains(ray_local, workers, capsys):
+    config = TrainConfig(workers=workers, epochs=2, batch_size=25, lr=0.1, optimizer="sgd", seed=2,
+                         sync_batchnorm=True)
+    result = Trainer(config, model_fn=NormedCNN, dataset_fn=images, loss_fn=F.cross_entropy).fit()
+    out = capsys.readouterr().out
+    assert "BatchNorm, synchronized" in out and "sync_batchnorm: batch statistics" in out  # the wire: gloo
+    expected, losses = train_reference(NormedCNN, images(), F.cross_entropy, seed=2, epochs=2, batch_size=25,
+                                       lr=0.1, optimizer="sgd")
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    for name, buffer in expected.state_dict().items():  # running means, variances, batches tracked
+        torch.testing.assert_close(result.model.state_dict()[name], buffer, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(set(result.replica_digests)) == 1
+
+
+def test_sync_batchnorm_refuses_what_it_cannot_keep_equal():
+    with pytest.raises(ConfigError, match="sync_batchnorm.*accumulate to 1"):
+        TrainConfig(sync_batchnorm=True, accumulate=2)
+    with pytest.raises(ConfigError, match="sync_batchnorm.*'auto' or 'collective'"):
+        TrainConfig(sync_batchnorm=True, reduction="shared_memory")
+    from raytorch.runplan import RunPlan
+
+    with pytest.raises(ConfigError, match="last batch has 1 samples for 3 replicas: set drop_last"):
+        RunPlan.of(TrainConfig(workers=3, batch_size=25, sync_batchnorm=True), 101)
+    RunPlan.of(TrainConfig(workers=3, batch_size=25, sync_batchnorm=True, drop_last=True), 101)
+
+
+def test_a_replica_lost_in_a_sync_batchnorm_forward_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path):
+    from faults import gated
+    from test_reliability import inject, sigkill
+
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "hold").touch()
+    config = TrainConfig(workers=2, epochs=2, batch_size=25, lr=0.1, optimizer="sgd", seed=2, sync_batchnorm=True,
+                         step_timeout=2.0)
+    injector = inject(folder, 2, sigkill)  # at the 5th forward: in epoch 1, the peer then waits in BatchNorm
+    result = Trainer(config, model_fn=partial(gated, NormedCNN, str(folder), 5), dataset_fn=images,
+                     loss_fn=F.cross_entropy, quiet=True).fit()
+    injector.join()
+    [restart] = result.restarts
+    assert restart["replicas"] == ["replica-1"] and restart["cause"] == "ActorDiedError"
+    expected, losses = train_reference(NormedCNN, images(), F.cross_entropy, seed=2, epochs=2, batch_size=25,
+                                       lr=0.1, optimizer="sgd")
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)

@@ -94,6 +94,9 @@ class TrainConfig:
     init: InitName = run_defining("default")
     """Initial parameters: 'default' (the model's own initialization after torch.manual_seed(seed)) or 'zeros' (every parameter 0: the seed note's w = b = 0)."""
 
+    sync_batchnorm: bool = run_defining(False)
+    """BatchNorm over the whole global batch: each training forward's batch statistics are summed over the replicas (on the collective wire's process group, CPUs too), so a model with BatchNorm trains what one process trains on the same batches. Batches are then cut evenly (not adaptively) and every replica computes every step; off: each replica normalizes by its own part (results depend on W)."""
+
     model: Optional[str] = run_defining(None)
     """Model for the CLI: built-in 'linear' or 'mlp' (sized to the built-in dataset), or your own as pkg.module:factory (a zero-argument callable returning an nn.Module); default: the built-in dataset's ('linear' for linear, 'mlp' for the others). The Python API takes model_fn instead."""
 
@@ -292,6 +295,12 @@ def _check_training(config: TrainConfig) -> None:
         raise ConfigError("loader_workers", f"must be >= 0 threads, got {config.loader_workers}")
     if config.accumulate < 1:
         raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {config.accumulate}")
+    if config.sync_batchnorm and config.accumulate > 1:
+        raise ConfigError("sync_batchnorm", "normalizes over each global batch in one forward per replica: set "
+                                            "accumulate to 1")
+    if config.sync_batchnorm and config.reduction not in ("auto", "collective"):
+        raise ConfigError("sync_batchnorm", f"its batch statistics travel on the collective wire's process group: "
+                                            f"set reduction to 'auto' or 'collective', not {config.reduction!r}")
     if not config.lr > 0:
         raise ConfigError("lr", f"must be > 0, got {config.lr}")
     for name in ("warmup_steps", "weight_decay"):

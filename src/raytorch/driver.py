@@ -87,10 +87,7 @@ class Trainer:
                     p.zero_()
         init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if running_statistics(model):
-            output.say("the model has BatchNorm: each replica normalizes by its own part's batch statistics, so the "
-                       "result depends on the number of replicas and the split (running statistics are averaged over "
-                       "replicas after every step: replicas agree); for a result that does not, use GroupNorm or "
-                       "LayerNorm, or keep workers and --split even the same between runs")
+            output.say(batchnorm_rule(config))
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
         # the signal handlers after Ray's start: ray.init installs its own for SIGTERM
@@ -122,3 +119,13 @@ class Trainer:
                 output.close()
         output.model_trained(model)
         return dataclasses.replace(result, resumed_from=resumed[0].steps if resumed else None)
+
+
+def batchnorm_rule(config: TrainConfig) -> str:
+    """What a model with BatchNorm trains, said once at start."""
+    if config.sync_batchnorm:
+        return ("the model has BatchNorm, synchronized: batch statistics over each whole global batch, as one "
+                "process computes them (--sync-batchnorm)")
+    return ("the model has BatchNorm: each replica normalizes by its own part's batch statistics, so the result "
+            "depends on the number of replicas and the split (running statistics are averaged over replicas after "
+            "every step: replicas agree); for a result that does not, use --sync-batchnorm (or GroupNorm, LayerNorm)")

@@ -318,7 +318,7 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
     on_gpus = whole_gpus(config, [info["rank"] for info in infos])
     try:
         wire, why = choose(config.reduction, len({info["node_id"] for info in infos}),
-                           all(info["shared_memory"] for info in infos), on_gpus)
+                           all(info["shared_memory"] for info in infos), on_gpus, config.sync_batchnorm)
     except ValueError as e:
         raise ClusterError(str(e)) from e
     if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous

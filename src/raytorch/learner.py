@@ -24,12 +24,14 @@ from .device import autocast
 from .optim import make_optimizer, make_schedule
 from .sharding import steps_per_epoch
 from .snapshot import Snapshot
+from .syncbn import GlobalBatchNorm, convert
 
 
 def running_statistics(model: nn.Module) -> list[torch.Tensor]:
     """The BatchNorm running means and variances of `model` (the buffers its training forward
     updates from the batch), in module order."""
-    return [buffer for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+    return [buffer for m in model.modules()
+            if isinstance(m, _BatchNorm) and not isinstance(m, GlobalBatchNorm) and m.track_running_stats
             for buffer in (m.running_mean, m.running_var) if buffer is not None]
 
 
@@ -191,7 +193,8 @@ class Learner:
         """step_fn(model, batch) -> loss, or else loss_fn(model(x), y) on (x, y) batches;
         optimizer_fn(model) and schedule_fn(optimizer, total_steps), or else config's by name."""
         self.device = device
-        self.model = model_fn().to(self.device)
+        model = model_fn()  # with sync_batchnorm, its BatchNorms normalize over the global batch: syncbn.py
+        self.model = (convert(model) if config.sync_batchnorm else model).to(self.device)
         self.model.load_state_dict(init_state)
         # what forward runs: the model, or its compiled form (same parameters, same state_dict)
         self.forward = torch.compile(self.model) if config.compile else self.model

@@ -19,6 +19,7 @@ import ray
 import torch
 from torch import nn
 
+from . import syncbn
 from .collective import CollectiveWire, free_port
 from .config import TrainConfig
 from .device import replica_device, torch_threads
@@ -26,6 +27,7 @@ from .errors import NonFiniteError, PeerError, ReplicaError
 from .learner import Learner
 from .report import replica_name
 from .snapshot import Snapshot
+from .syncbn import synchronized
 from .telemetry import ReplicaMetrics
 from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire, shared_memory_available
 
@@ -239,6 +241,8 @@ class Replica:
         self.wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
                                    backend)
         learner.prescaled = True
+        if synchronized(learner.model):  # sync_batchnorm: BatchNorm's statistics travel on the group too
+            syncbn.join(backend)
         # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
         learner.grads.on_ready = self.wire.ready if learner.staging is learner.flat_grad else None
 

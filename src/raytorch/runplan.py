@@ -36,6 +36,11 @@ class RunPlan:
             raise ConfigError("batch_size", f"{config.step_batch} samples per step exceed the {train_size} "
                                             f"training samples with drop_last: no step would run; lower batch_size "
                                             f"(or accumulate)")
+        last = train_size % config.step_batch
+        if config.sync_batchnorm and last and not config.drop_last and last < config.workers:
+            raise ConfigError("sync_batchnorm", f"every replica must compute in every step, but each epoch's last "
+                                                f"batch has {last} samples for {config.workers} replicas: set "
+                                                f"drop_last, or a batch_size that leaves at least {config.workers}")
         total = min(steps * config.epochs, config.max_steps or steps * config.epochs)
         return cls(train_size=train_size, step_batch=config.step_batch, steps_per_epoch=steps, total_steps=total,
                    seed=config.seed, shuffle=config.shuffle, drop_last=config.drop_last)

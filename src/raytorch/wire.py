@@ -243,10 +243,12 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False) -> tuple[str, str]:
+def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: bool = False
+           ) -> tuple[str, str]:
     """The wire for TrainConfig.reduction `reduction` with the replicas on `nodes` nodes (and /dev/shm
-    usable by all where `shared_memory`; each on a GPU of its own where `whole_gpus`), and why, in
-    words. ValueError where shared memory is asked for and cannot work."""
+    usable by all where `shared_memory`; each on a GPU of its own where `whole_gpus`; a process group
+    needed where `group`: sync_batchnorm), and why, in words. ValueError where shared memory is
+    asked for and cannot work."""
     local = nodes == 1 and shared_memory
     if reduction == "shared_memory" and not local:
         raise ValueError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are on "
@@ -256,6 +258,8 @@ def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = F
                                         and reduction == "collective" else "")
     if whole_gpus:
         return "collective", "every replica holds a whole GPU: NCCL all-reduces the gradients on the GPUs"
+    if group:
+        return "collective", "sync_batchnorm: batch statistics and gradients travel on a gloo process group"
     if local:
         return "shared_memory", "all replicas on one node read each other's gradients in /dev/shm"
     where = f"replicas on {nodes} nodes" if nodes > 1 else "no shared memory usable here"
