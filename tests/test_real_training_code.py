@@ -92,12 +92,10 @@ def test_items_that_are_not_pairs_or_a_dataset_without_length_fail_before_any_re
                                           r"pairs: give step_fn\(model, batch\) -> loss instead of loss_fn"):
         Trainer(config, model_fn=Classifier, dataset_fn=DictDataset, loss_fn=F.cross_entropy, quiet=True).fit()
 
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            yield from PAIRS()
-
-    with pytest.raises(ConfigError, match=r"dataset: Stream has no length \(an IterableDataset\?\)"):
-        Trainer(config, model_fn=Classifier, dataset_fn=Stream, loss_fn=F.cross_entropy, quiet=True).fit()
+    with pytest.raises(ConfigError, match=r"dataset: iterator has no length and is no IterableDataset: give a "
+                                          r"map-style Dataset .* or a torch.utils.data.IterableDataset"):
+        Trainer(config, model_fn=Classifier, dataset_fn=lambda: iter(PAIRS()), loss_fn=F.cross_entropy,
+                quiet=True).fit()
     with pytest.raises(ConfigError, match="give loss_fn.*or step_fn.*one of the two"):
         Trainer(config, model_fn=Classifier, dataset_fn=DictDataset, quiet=True)
 
@@ -366,3 +364,78 @@ def test_a_replica_lost_in_a_sync_batchnorm_forward_is_replaced_and_the_run_is_u
                                        lr=0.1, optimizer="sgd")
     assert_same_parameters(result.model, expected)
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """PAIRS read as a stream: a new order each epoch (set_epoch, as Hugging Face's streams shuffle
+    a buffer per epoch), noise drawn as each item is read, and no __len__ (counted by a pass)."""
+
+    def __init__(self, noise=0.2):
+        self.pairs, self.epoch, self.noise = PAIRS(), 0, noise
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        import raytorch
+
+        for i in torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(100 + self.epoch)).tolist():
+            x, y = self.pairs[i]
+            yield x + self.noise * torch.randn(x.shape, generator=raytorch.sample_generator()), y
+
+
+@pytest.mark.parametrize("workers, loader_workers", [(2, 0), (3, 2)])
+def test_a_stream_trains_what_one_process_reading_it_in_order_trains(ray_local, workers, loader_workers, capsys):
+    import raytorch
+
+    config = TrainConfig(workers=workers, epochs=2, batch_size=32, lr=0.05, optimizer="sgd", seed=6,
+                         loader_workers=loader_workers)
+    result = Trainer(config, model_fn=partial(mlp, 16, 4, 32), dataset_fn=PairStream,
+                     eval_dataset_fn=partial(PairStream, noise=0.0),
+                     loss_fn=F.cross_entropy).fit()
+    assert "a stream (IterableDataset) of 150 items an epoch, counted by one pass" in capsys.readouterr().out
+    # the oracle: plain PyTorch reading the stream in order, item i of epoch e within raytorch.seeded(6, e, i)
+    torch.manual_seed(6)
+    model, stream = mlp(16, 4, 32), PairStream()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        items, iterator = [], iter(stream)
+        for i in range(150):
+            with raytorch.seeded(6, epoch, i):
+                items.append(next(iterator))
+        for start in range(0, 150, 32):
+            x, y = torch.utils.data.default_collate(items[start:start + 32])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert_same_parameters(result.model, model)
+    x, y = torch.as_tensor(PAIRS().x), torch.as_tensor(PAIRS().y)  # evaluation: a stream too, each replica its part
+    with torch.no_grad():
+        assert result.eval_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
+class Counting(torch.utils.data.IterableDataset):
+    def __init__(self, items):
+        self.items, self.passes = items, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from range(self.items)
+
+
+def test_a_stream_is_read_by_position_and_starts_over_for_an_earlier_one():
+    import pickle
+
+    from raytorch.data import Stream
+
+    stream = Stream(Counting(10), 10)
+    assert stream.take([1, 2], (0, 0)) == [1, 2] and stream.take([5], (0, 0)) == [5]
+    assert stream.stream.passes == 1  # forward: one pass
+    assert stream.take([3], (0, 0)) == [3] and stream.stream.passes == 2  # back: from the start
+    assert stream.take([0], (0, 1)) == [0] and stream.stream.passes == 3  # another epoch
+    copy = pickle.loads(pickle.dumps(stream))  # as a replica gets it: no iterator, its own position
+    assert copy.iterator is None and copy.take([9], None) == [9]
+    short = Stream(Counting(4), 10)  # a stream that yields fewer items than its first pass
+    with pytest.raises(ValueError, match="the stream ended after 4 items in epoch 0, but has 10"):
+        short.take([6], (0, 0))

@@ -91,9 +91,9 @@ def check_dataset(dataset: Any, field: str, step_fn: Callable | None) -> None:
     try:
         size = len(dataset)
     except TypeError as e:
-        raise ConfigError(field, f"{type(dataset).__name__} has no length (an IterableDataset?): raytorch plans "
-                                 f"each step's samples by index; give a map-style Dataset (__len__ and "
-                                 f"__getitem__)") from e
+        raise ConfigError(field, f"{type(dataset).__name__} has no length and is no IterableDataset: give a "
+                                 f"map-style Dataset (__len__ and __getitem__), or a torch.utils.data.IterableDataset "
+                                 f"(__iter__) for data that is read rather than indexed") from e
     if size == 0:
         raise ConfigError(field, "is empty: a run needs at least one sample")
     if step_fn is None:

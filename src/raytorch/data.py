@@ -1,14 +1,16 @@
-"""Map-style datasets of (x, y) pairs, and fetching a batch of them by index, now or ahead."""
+"""Map-style datasets of (x, y) pairs, streams (IterableDataset) read by position, and fetching a
+batch of either by index, now or ahead."""
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from .augment import seeded
 
@@ -88,6 +90,81 @@ class NpyDataset(Dataset):
         return tuple(torch.from_numpy(np.asarray(a[idx])) for a in self.arrays)
 
 
+class Stream(Dataset):
+    """An IterableDataset (data that is read, not indexed) made addressable by position in its
+    stream: sample i of an epoch is the i-th item its iterator yields. The run plans steps by
+    position as it plans them by index (in stream order: shuffling is the stream's own business,
+    e.g. in set_epoch), and every replica iterates the stream, keeping the items of its part of
+    each global batch and passing over the others without collating them. The run is then the one
+    one process makes reading the stream in order, for a stream that yields the same items in every
+    process: what it costs is that each replica reads the whole stream.
+
+    Positions are taken in increasing order within an epoch (as the plan asks for them); an earlier
+    one (a restore, evaluation again) starts the stream over. Before iterating epoch e the stream's
+    set_epoch(e) is called where it has one (as Hugging Face's and WebDataset's streams do)."""
+
+    def __init__(self, stream: IterableDataset, length: int):
+        self.stream, self.length = stream, length
+        self.__setstate__({})
+
+    def __getstate__(self) -> dict:
+        return {"stream": self.stream, "length": self.length}  # not the iterator: each process its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock(), iterator=None, epoch=None, position=0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, position: int):
+        return self.take([position])[0]
+
+    def take(self, positions: Sequence[int], key: Key = None) -> list:
+        """The items at `positions` (increasing) of the stream of the epoch in `key` (seed, epoch),
+        each drawn within augment.seeded(seed, epoch, position); None: evaluation's."""
+        epoch = None if key is None else key[1]
+        with self.lock:
+            if epoch != self.epoch or self.iterator is None or (len(positions) and positions[0] < self.position):
+                self._start(epoch)
+            items = []
+            for position in map(int, positions):
+                while self.position <= position:
+                    try:
+                        item = next(self.iterator) if key is None else self._next_seeded(key)
+                    except StopIteration:
+                        raise ValueError(f"the stream ended after {self.position} items in epoch {epoch}, but has "
+                                         f"{self.length} in its first pass: a stream must yield as many items every "
+                                         f"epoch and in every process") from None
+                    self.position += 1
+                items.append(item)
+            return items
+
+    def _next_seeded(self, key: tuple[int, int]):
+        with seeded(*key, self.position):
+            return next(self.iterator)
+
+    def _start(self, epoch: Optional[int]) -> None:
+        if epoch is not None and hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+        self.iterator: Iterator = iter(self.stream)
+        self.epoch, self.position = epoch, 0
+
+
+def streamed(dataset: Any, say: Callable[[str], None]) -> Any:
+    """`dataset`, or for an IterableDataset a Stream of it, its length taken from len() where it has
+    one, else counted by one pass here (said, with what holds for streams)."""
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    try:
+        length, how = len(dataset), "by its len()"
+    except TypeError:
+        length, how = sum(1 for _ in dataset), "counted by one pass (give it __len__ to skip that)"
+    say(f"the dataset is a stream (IterableDataset) of {length} items an epoch, {how}: every replica reads it and "
+        f"keeps its part of each global batch, in the stream's order (no shuffle: shuffle in the stream, by its "
+        f"set_epoch(epoch)); equal to one process reading it in order where it yields the same items in every process")
+    return Stream(dataset, length)
+
+
 def _open_npy(path: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
@@ -106,6 +183,8 @@ def fetch(dataset: Dataset, indices: Sequence[int], key: Key = None):
     each sample is fetched within augment.seeded(*key, index)."""
     if isinstance(dataset, (ArrayDataset, NpyDataset)):
         return dataset.batch(indices)
+    if isinstance(dataset, Stream):
+        return default_collate(dataset.take(indices, key))
     getitems = getattr(dataset, "__getitems__", None)  # torch's batched-fetch protocol
     return default_collate(getitems(list(indices)) if getitems else [item(dataset, i, key) for i in indices])
 
@@ -144,7 +223,7 @@ class Prefetcher:
         return future.result() if future is not None else self._fetch(dataset, indices, key)
 
     def _fetch(self, dataset: Dataset, indices: np.ndarray, key: Key):
-        if isinstance(dataset, (ArrayDataset, NpyDataset)) or hasattr(dataset, "__getitems__"):
+        if isinstance(dataset, (ArrayDataset, NpyDataset, Stream)) or hasattr(dataset, "__getitems__"):
             return self.prepare(fetch(dataset, indices, key))
         samples = self.samples.map(lambda index: item(dataset, index, key), indices)
         return self.prepare(default_collate(list(samples)))

@@ -21,6 +21,7 @@ from .batches import check_dataset
 from .checkpoint import RunCheckpoints
 from .cluster import ray_session
 from .config import TrainConfig
+from .data import Stream, streamed
 from .device import resolve_device
 from .errors import ConfigError, ReplicaError
 from .group import replica_group
@@ -72,12 +73,12 @@ class Trainer:
         output = RunOutput(config, self.quiet, run_dir)
         checkpoints = RunCheckpoints(run_dir, config, output.say)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
-        train_set = self.dataset_fn()
-        eval_set = self.eval_dataset_fn() if self.eval_dataset_fn else None
+        train_set = streamed(self.dataset_fn(), output.say)  # an IterableDataset: read by position
+        eval_set = streamed(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
         check_dataset(train_set, "dataset", self.user_fns["step_fn"])
         if eval_set is not None:
             check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
-        plan = RunPlan.of(config, len(train_set))
+        plan = RunPlan.of(config, len(train_set), stream=isinstance(train_set, Stream))
         # The contract's starting point: model_fn() right after torch.manual_seed(seed).
         torch.manual_seed(config.seed)
         model = self.model_fn()

@@ -28,9 +28,9 @@ class RunPlan:
     drop_last: bool
 
     @classmethod
-    def of(cls, config: TrainConfig, train_size: int) -> "RunPlan":
-        """The plan of `config` over a training set of `train_size` samples; a ConfigError where no
-        step would run."""
+    def of(cls, config: TrainConfig, train_size: int, stream: bool = False) -> "RunPlan":
+        """The plan of `config` over a training set of `train_size` samples (a stream's, read in its
+        order: no shuffle); a ConfigError where no step would run."""
         steps = steps_per_epoch(train_size, config.step_batch, config.drop_last)
         if steps == 0:
             raise ConfigError("batch_size", f"{config.step_batch} samples per step exceed the {train_size} "
@@ -43,7 +43,7 @@ class RunPlan:
                                                 f"drop_last, or a batch_size that leaves at least {config.workers}")
         total = min(steps * config.epochs, config.max_steps or steps * config.epochs)
         return cls(train_size=train_size, step_batch=config.step_batch, steps_per_epoch=steps, total_steps=total,
-                   seed=config.seed, shuffle=config.shuffle, drop_last=config.drop_last)
+                   seed=config.seed, shuffle=config.shuffle and not stream, drop_last=config.drop_last)
 
     @property
     def epochs(self) -> int:
