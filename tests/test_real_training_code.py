@@ -439,3 +439,25 @@ def test_a_stream_is_read_by_position_and_starts_over_for_an_earlier_one():
     short = Stream(Counting(4), 10)  # a stream that yields fewer items than its first pass
     with pytest.raises(ValueError, match="the stream ended after 4 items in epoch 0, but has 10"):
         short.take([6], (0, 0))
+
+
+def ray_pairs():
+    import ray.data
+
+    pairs = PAIRS()
+    return ray.data.from_items([{"x": pairs.x[i], "y": int(pairs.y[i]), "id": f"row-{i}"} for i in range(len(pairs))],
+                               override_num_blocks=4)
+
+
+def ray_step(model, batch):
+    assert isinstance(batch["id"], list)
+    return model(features=batch["x"], labels=batch["y"])["loss"]
+
+
+def test_a_ray_data_dataset_trains_what_one_process_trains(ray_local):
+    config = TrainConfig(workers=2, epochs=2, batch_size=32, lr=0.01, optimizer="adam", seed=3)
+    result = Trainer(config, model_fn=Classifier, dataset_fn=ray_pairs, step_fn=ray_step, quiet=True).fit()
+    expected, losses = train_reference(lambda: Classifier().net, PAIRS(), F.cross_entropy, seed=3, epochs=2,
+                                       batch_size=32, lr=0.01, optimizer="adam")
+    assert_same_parameters(result.model.net, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)

@@ -150,9 +150,17 @@ class Stream(Dataset):
         self.epoch, self.position = epoch, 0
 
 
-def streamed(dataset: Any, say: Callable[[str], None]) -> Any:
-    """`dataset`, or for an IterableDataset a Stream of it, its length taken from len() where it has
+def addressable(dataset: Any, say: Callable[[str], None]) -> Any:
+    """`dataset` as the run plans it, by index: a map-style Dataset as it is; a ray.data.Dataset as
+    a raydata.BlockDataset; an IterableDataset as a Stream, its length taken from len() where it has
     one, else counted by one pass here (said, with what holds for streams)."""
+    from .raydata import BlockDataset, is_ray_dataset
+
+    if is_ray_dataset(dataset):
+        blocks = BlockDataset(dataset)
+        say(f"the dataset is a ray.data.Dataset: {len(blocks)} rows in {len(blocks.refs)} blocks, kept as numpy in the "
+            f"object store and read by index like any Dataset (shuffled per epoch; the contract holds)")
+        return blocks
     if not isinstance(dataset, IterableDataset):
         return dataset
     try:

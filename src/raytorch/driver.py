@@ -21,7 +21,7 @@ from .batches import check_dataset
 from .checkpoint import RunCheckpoints
 from .cluster import ray_session
 from .config import TrainConfig
-from .data import Stream, streamed
+from .data import Stream, addressable
 from .device import resolve_device
 from .errors import ConfigError, ReplicaError
 from .group import replica_group
@@ -73,8 +73,9 @@ class Trainer:
         output = RunOutput(config, self.quiet, run_dir)
         checkpoints = RunCheckpoints(run_dir, config, output.say)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
-        train_set = streamed(self.dataset_fn(), output.say)  # an IterableDataset: read by position
-        eval_set = streamed(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
+        # a stream (IterableDataset) read by position, a ray.data.Dataset by block and row
+        train_set = addressable(self.dataset_fn(), output.say)
+        eval_set = addressable(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
         check_dataset(train_set, "dataset", self.user_fns["step_fn"])
         if eval_set is not None:
             check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
