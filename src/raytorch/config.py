@@ -122,7 +122,7 @@ class TrainConfig:
     """torch.compile each replica's model (inductor; compiled on the first steps, which run slower): the same math, to float tolerance."""
 
     loader_workers: int = 0
-    """Threads per replica fetching the samples of its next steps while the current step computes (for a __getitem__ that reads or decodes); 0 fetches in the step itself. Leave it 0 where __getitem__ draws from torch's random generator: threads would draw in no fixed order."""
+    """Threads per replica fetching the samples of its next steps while the current step computes (for a __getitem__ that reads or decodes); 0 fetches in the step itself. Random augmentation drawn from raytorch.sample_generator() is seeded per (seed, epoch, sample) in every thread; drawn from torch's global generator it is not (threads share it)."""
 
     cpus_per_replica: float = 1.0
     """CPUs Ray reserves for each replica; torch's intra-op threads follow it (at least 1)."""
