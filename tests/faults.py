@@ -1,6 +1,7 @@
 """Models for fault tests, importable by replicas (tests/ is on their PYTHONPATH)."""
 
 import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -81,3 +82,67 @@ def straggling(model_fn, folder: str, per_sample: float, after: int = 0, base: f
     model = model_fn()
     model.register_forward_pre_hook(Straggle(folder, per_sample, after, base))
     return model
+
+
+def in_replica() -> bool:
+    """True inside a Ray actor (a replica), false in the driver (which builds the model too)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def die_once(folder: str, phase: str) -> None:
+    """SIGKILL this replica's process if it is the first to reach `phase` (it claims
+    `<folder>/<phase>.claimed` by an exclusive create): one loss per phase and run, whichever
+    replica gets there first; its replacement finds the claim taken and lives."""
+    if not in_replica():
+        return
+    try:
+        os.close(os.open(Path(folder) / f"{phase}.claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PhaseFault(torch.nn.Linear):
+    """A 1 -> 1 linear model whose replica dies once at `phase`: 'start' (building the model in a
+    replica), 'first_step' (its first training forward), 'evaluation' (an eval forward)."""
+
+    def __init__(self, folder: str, phase: str):
+        super().__init__(1, 1)
+        self.folder, self.phase, self.forwards = folder, phase, 0
+        if phase == "start":
+            die_once(folder, phase)
+
+    def forward(self, x):
+        if self.training:
+            self.forwards += 1
+            if self.phase == "first_step" and self.forwards == 1:
+                die_once(self.folder, self.phase)
+        elif self.phase == "evaluation":
+            die_once(self.folder, self.phase)
+        return super().forward(x)
+
+
+class PhaseFaultSGD(torch.optim.SGD):
+    """SGD whose replica dies once at `phase`: 'checkpoint' (its state taken: a checkpoint or a
+    recovery's copy), 'restore' (its state loaded: a recovery or a resume)."""
+
+    def __init__(self, params, folder: str, phase: str, lr: float):
+        super().__init__(params, lr=lr)
+        self.folder, self.phase = folder, phase
+
+    def state_dict(self):
+        if self.phase == "checkpoint":
+            die_once(self.folder, self.phase)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        if self.phase == "restore":
+            die_once(self.folder, self.phase)
+        return super().load_state_dict(state_dict)
+
+
+def phase_fault_sgd(folder: str, phase: str, lr: float, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """optimizer_fn for PhaseFaultSGD."""
+    return PhaseFaultSGD(model.parameters(), folder, phase, lr)

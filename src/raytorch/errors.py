@@ -25,7 +25,12 @@ class ReplicaError(RaytorchError):
 
 
 class ReplicaLost(ReplicaError):
-    """A replica died or hung: the driver replaces it and redoes the interrupted step."""
+    """A replica died or hung: the driver replaces it and redoes the interrupted step. `ranks`:
+    the lost replicas where known (else the driver asks every replica)."""
+
+    def __init__(self, message: str, ranks: list[int] | None = None):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class PeerError(ReplicaError):

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .device import replica_env, replica_resources, whole_gpus
 from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
 from .placement import reserve
+from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
 from .report import replica_name
 from .snapshot import Snapshot
@@ -47,6 +48,33 @@ class Spare(NamedTuple):
     name: str
 
 
+class Spares:
+    """The idle replicas started ahead (oldest first): `create(rank, bundle, name)` starts one."""
+
+    def __init__(self, create: Callable[[int, int, str], Any]):
+        self.create = create
+        self.idle: list[Spare] = []
+
+    def add(self, bundle: int, generation: int) -> None:
+        """Start a spare in `bundle`, in the background."""
+        name = f"spare-{bundle}" + (f".{generation}" if generation else "")
+        actor = self.create(bundle, bundle, name)
+        self.idle.append(Spare(actor, actor.ready.remote(), bundle, name))
+
+    def take(self, rank: int) -> Optional[tuple[Member, str]]:
+        """A built spare, now replica `rank`, and its name; None if none is ready."""
+        for spare in list(self.idle):
+            if not ray.wait([spare.ready], timeout=0)[0]:
+                continue  # still starting
+            self.idle.remove(spare)
+            try:
+                ray.get(spare.actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
+                return Member(spare.actor, rank, spare.bundle, dict(ray.get(spare.ready), rank=rank)), spare.name
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                ray.kill(spare.actor, no_restart=True)  # lost with its node, or broken: try the next
+        return None
+
+
 class Replacement(NamedTuple):
     """What replace() did: ranks replaced, ranks dropped (no room in time), spares used (by name)."""
 
@@ -69,9 +97,10 @@ class ReplicaGroup:
         bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
         self.placement = reserve(bundles, config.placement, config.resource_timeout)
         self.members: list[Member] = []
-        self.spares: list[Spare] = []  # oldest first
+        self.spares = Spares(self._create)
         self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
         self.generation = 0  # bumped by every change of membership: fresh shared-memory names
+        self.losses: list[dict] = []  # replicas lost while starting or restoring, replaced (until_settled)
 
     @property
     def ranks(self) -> list[int]:
@@ -87,15 +116,23 @@ class ReplicaGroup:
 
     def start(self) -> list[dict]:
         """Start every replica (a member at once, so close() ends a start that fails) and wait until
-        each is built; returns what each reported. Spares start beside them, used once built."""
+        each is built; returns what each reported. Spares start beside them, used once built. A
+        replica that dies while starting is replaced (until_settled)."""
         workers = self.config.workers
         self.members = [Member(self._create(rank, rank, replica_name(rank)), rank, rank, {}) for rank in range(workers)]
         for bundle in range(workers, workers + self.config.spares):
-            self._add_spare(bundle)
-        infos = gather(self.actors, [a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
-        self.members = [member._replace(info=info) for member, info in zip(self.members, infos)]
-        self.rewire()
+            self.spares.add(bundle, self.generation)
+        self.losses += until_settled(self._settle, self, RecoveryPolicy(self.config.min_workers), "starting")
         return self.described()
+
+    def _settle(self) -> None:
+        """Wait until every member is built, then connect the wire. ReplicaLost naming those that died."""
+        infos, dead, died = built(self.actors, [a.ready.remote() for a in self.actors])
+        self.members = [m._replace(info=infos.get(p, m.info)) for p, m in enumerate(self.members)]
+        if dead:
+            ranks = [self.members[p].rank for p in dead]
+            raise ReplicaLost(f"{', '.join(map(replica_name, ranks))} died while starting", ranks=ranks) from died
+        self.rewire()
 
     def described(self) -> list[dict]:
         return [dict(m.info, wire=self.wire) for m in self.members]
@@ -109,24 +146,6 @@ class ReplicaGroup:
             namespace=self.run_name,
             runtime_env=replica_env(self.config, rank),
         ).remote(rank, self.config, run_name=self.run_name, **self.replica_args)
-
-    def _add_spare(self, bundle: int) -> None:
-        name = f"spare-{bundle}" + (f".{self.generation}" if self.generation else "")
-        actor = self._create(bundle, bundle, name)
-        self.spares.append(Spare(actor, actor.ready.remote(), bundle, name))
-
-    def _take_spare(self, rank: int) -> Optional[tuple[Member, str]]:
-        """A built spare, now replica `rank`, and its name; None if none is ready."""
-        for spare in list(self.spares):
-            if not ray.wait([spare.ready], timeout=0)[0]:
-                continue  # still starting
-            self.spares.remove(spare)
-            try:
-                ray.get(spare.actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
-                return Member(spare.actor, rank, spare.bundle, dict(ray.get(spare.ready), rank=rank)), spare.name
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                ray.kill(spare.actor, no_restart=True)  # lost with its node, or broken: try the next
-        return None
 
     def rewire(self) -> None:
         """Pick how gradients travel (see TrainConfig.reduction) and set it up afresh."""
@@ -174,8 +193,12 @@ class ReplicaGroup:
         """Every replica becomes the one that took `snapshot` (a resume); the wire starts afresh
         at its step."""
         shared = ray.put(snapshot)
-        self.get([m.actor.restore.remote(shared) for m in self.members])
-        self.rewire()
+
+        def restore_all() -> None:  # again after a replica lost meanwhile is replaced
+            self.get([m.actor.restore.remote(shared) for m in self.members])
+            self.rewire()
+
+        self.losses += until_settled(restore_all, self, RecoveryPolicy(self.config.min_workers), "restoring")
 
     def get(self, refs: Sequence, timeout: float | None = None):
         """gather(), where a replica that stops answering for step_timeout is found and killed:
@@ -233,12 +256,12 @@ class ReplicaGroup:
         members = {m.rank: m for m in self.members if m.rank not in lost}
         replaced, spares_used, started = [], [], {}
         for member in (m for m in self.members if m.rank in lost):
-            taken = self._take_spare(member.rank)
+            taken = self.spares.take(member.rank)
             if taken is not None:
                 members[member.rank], name = taken
                 replaced.append(member.rank)
                 spares_used.append(name)
-                self._add_spare(member.bundle)
+                self.spares.add(member.bundle, self.generation)
             else:
                 name = f"{replica_name(member.rank)}.{self.generation}"
                 started[member.rank] = (self._create(member.rank, member.bundle, name), member.bundle)
@@ -249,7 +272,7 @@ class ReplicaGroup:
         return Replacement(sorted(replaced), dropped, spares_used)
 
     def close(self) -> None:
-        for actor in self.actors + [spare.actor for spare in self.spares]:
+        for actor in self.actors + [spare.actor for spare in self.spares.idle]:
             ray.kill(actor)
         remove_placement_group(self.placement)
 
@@ -287,6 +310,25 @@ def health(actors: Sequence, step_timeout: float) -> tuple[list[tuple[int, str]]
         if computing is not None and computing > step_timeout:
             hung.append((position, f"one step computing for {computing:.0f} s"))
     return hung, gone
+
+
+def built(actors: Sequence, refs: Sequence) -> tuple[dict[int, dict], list[int], Optional[Exception]]:
+    """Wait for replicas' ready() calls `refs`: what each built one reported (by position), the
+    positions of those whose process died while starting, and one such death. A replica whose
+    __init__ raised (no retry helps) or that is not built within START_TIMEOUT_S: its ReplicaError."""
+    ray.wait(list(refs), num_returns=len(refs), timeout=START_TIMEOUT_S)
+    infos, dead, died = {}, [], None
+    for position, ref in enumerate(refs):
+        try:
+            infos[position] = ray.get(ref, timeout=0)
+        except RayActorError as e:
+            if "error raised in its creation task" in str(e):
+                raise _replica_error(actors, e) from e
+            dead.append(position)
+            died = e
+        except (RayTaskError, GetTimeoutError):
+            gather(actors, refs, timeout=START_TIMEOUT_S)  # raises it as the replica's error
+    return infos, dead, died
 
 
 def await_started(started: dict[int, tuple[Any, int]], timeout: float) -> tuple[dict[int, Member], list[int]]:

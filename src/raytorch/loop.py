@@ -47,6 +47,9 @@ class EpochLoop:
         self.fit_started = fit_started
         self.first_step_s = 0.0
         self.pipeline.after_next_step(self._first_step)
+        for record in group.losses:  # replicas lost while starting or restoring: replaced before any step
+            at.restarts.append(record)
+            output.lost_before_training(record)
 
     def run(self, model: nn.Module) -> TrainResult:
         """The epoch loop; returns the result with `model` holding the trained weights."""
@@ -157,10 +160,16 @@ class EpochLoop:
         return self.plan.first_step(at.epoch) + at.index, self.plan.samples_through(at.epoch - 1) + sum(at.counts)
 
     def checkpoint(self):
-        """A checkpoint of where the run stands (the first replica's state), where output_dir is set."""
+        """A checkpoint of where the run stands (the first replica's state), where output_dir is set.
+        A replica lost meanwhile is recovered from first."""
         if not self.checkpoints.enabled:
             return None
-        snapshot = self.group.first("snapshot", 0)
+        while True:
+            try:
+                snapshot = self.group.first("snapshot", 0)
+                break
+            except ReplicaLost as lost:
+                self.recovery.recover(lost, self.at, self.plan.batches_of(self.at.epoch))
         path = self.checkpoints.save(snapshot, self.at, self.plan.first_step(self.at.epoch))
         self.output.checkpointed(snapshot.steps, path)
         return path

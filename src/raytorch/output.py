@@ -175,6 +175,15 @@ class RunOutput:
             self.say(f"no room for a replacement of {', '.join(record['dropped'])} within replace_timeout "
                      f"{self.config.replace_timeout:g} s: going on with {workers} replicas (same result)")
 
+    def lost_before_training(self, record: dict) -> None:
+        """A replica lost while the group started or restored a resume: replaced, nothing redone."""
+        self.metrics.restarted(len(record["replicas"]))
+        dropped = (f"; no room for {', '.join(record['dropped'])} within replace_timeout: going on with "
+                   f"{record['workers']} replicas (same result)" if record["dropped"] else "")
+        self.say(f"{', '.join(record['replicas'])} lost while {record['phase']} ({record['cause']}): replaced "
+                 f"{', '.join(record['replaced']) or 'none'}{dropped}")
+        self.record(dict(record))
+
     def redoing(self, record: dict, workers: int) -> None:
         spares = record["spares_used"]
         by_spare = f" (by {', '.join(spares)}, started ahead)" if spares else ""

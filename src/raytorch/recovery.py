@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import ReplicaError, ReplicaLost
 from .position import Position
@@ -73,6 +73,35 @@ class RecoveryPolicy:
         if workers < self.min_workers:
             return Decision(False, f"{workers} replicas left, fewer than min_workers={self.min_workers}")
         return Decision(True)
+
+
+def until_settled(action: Callable[[], Any], group: ReplicaGroup, policy: RecoveryPolicy, phase: str) -> list[dict]:
+    """Run `action` (the group's start, or a resume's restore) to its end: a replica lost meanwhile
+    is replaced (or dropped, at min_workers or above) and the action runs again, until the policy
+    gives up. Nothing is redone and nothing lost: the state the action loads is the driver's.
+    Returns a record of each loss."""
+    records: list[dict] = []
+    while True:
+        try:
+            action()
+            return records
+        except ReplicaLost as lost:
+            gone = lost.ranks if lost.ranks is not None else group.dead()
+            names = [replica_name(rank) for rank in gone]
+            # the state comes from the driver: no replica's loss loses it, so survivors are not needed
+            decision = policy.decide(Failure(str(lost), names, len(records), group.size, None, None))
+            if not decision.recover:
+                raise ReplicaError(f"{decision.reason} while {phase}") from lost
+            replacement = group.replace(gone)
+            enough = policy.after_replacement(group.size)
+            if not enough.recover:
+                raise ReplicaError(f"{enough.reason} while {phase}") from lost
+            cause = lost.__cause__
+            records.append({"event": "replica_lost", "phase": phase, "detected_at": time.time(), "step": None,
+                            "replicas": names, "cause": type(cause).__name__ if cause is not None else "hang",
+                            "replaced": [replica_name(r) for r in replacement.replaced],
+                            "dropped": [replica_name(r) for r in replacement.dropped],
+                            "spares_used": replacement.spares_used, "workers": group.size})
 
 
 class Recovery:

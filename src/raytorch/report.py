@@ -54,7 +54,9 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
 
 def restarts_line(restarts: list[dict]) -> str:
     """'restarts: 1 (replica-1, step 412, ActorDiedError)'."""
-    described = "; ".join(f"{', '.join(r['replicas'])}, step {r['step']}, {r['cause']}"
+    described = "; ".join(f"{', '.join(r['replicas'])}, "
+                          + (f"step {r['step']}" if r["step"] is not None else f"while {r['phase']}")
+                          + f", {r['cause']}"
                           + (f", continued without {', '.join(r['dropped'])}" if r["dropped"] else "")
                           for r in restarts)
     return f"restarts: {len(restarts)} ({described})"

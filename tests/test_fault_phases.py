@@ -1,0 +1,80 @@
+"""A replica lost at each phase of a run beside the steps themselves: while the group starts, in
+its first step, during an evaluation, during a checkpoint, during a recovery, while a resume
+restores its state. Each time it is replaced and the run ends as plain PyTorch's (the oracle of
+test_reliability). The faults are deterministic: the first replica to reach the phase SIGKILLs
+itself (tests/faults.py)."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faults import PhaseFault, gated, phase_fault_sgd
+from raytorch import TrainConfig, Trainer
+from raytorch.checkpoint import listed
+from test_reliability import DATA, JOB, assert_matches_reference, inject, sigkill
+
+
+@pytest.mark.parametrize("phase", ["start", "first_step", "evaluation"])
+def test_a_replica_lost_while_starting_in_its_first_step_or_evaluating_is_replaced(ray_local, tmp_path, capsys,
+                                                                                    phase):
+    config = TrainConfig(**JOB, workers=2)
+    result = Trainer(config, model_fn=partial(PhaseFault, str(tmp_path), phase), dataset_fn=DATA,
+                     eval_dataset_fn=DATA, loss_fn=F.mse_loss).fit()
+    assert (tmp_path / f"{phase}.claimed").exists()  # the fault did fire
+    assert_matches_reference(result)
+    [restart] = result.restarts
+    assert restart["cause"] == "ActorDiedError" and restart["workers"] == 2 and len(restart["replaced"]) == 1
+    out = capsys.readouterr().out
+    if phase == "start":
+        assert restart["phase"] == "starting" and restart["step"] is None
+        assert "lost while starting (ActorDiedError): replaced replica-" in out
+        assert "while starting, ActorDiedError" in out  # the closing restarts line
+    else:
+        assert restart["step"] == (0 if phase == "first_step" else 30)  # evaluation: after epoch 0's 30 steps
+
+
+def test_a_replica_lost_during_a_checkpoint_is_replaced_and_the_checkpoint_written(ray_local, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(**JOB, workers=2, output_dir=str(run))
+    result = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                     optimizer_fn=partial(phase_fault_sgd, str(tmp_path), "checkpoint", JOB["lr"]), quiet=True).fit()
+    assert (tmp_path / "checkpoint.claimed").exists()
+    assert_matches_reference(result)
+    [restart] = result.restarts
+    assert restart["step"] == 30 and restart["replicas"] == ["replica-0"]  # the first replica's state is taken
+    assert sorted(int(p.name[5:14]) for p in listed(run)) == [30, 60, 90]  # none missing
+
+
+def test_a_replica_lost_during_a_recovery_is_replaced_too(ray_local, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "hold").touch()
+    config = TrainConfig(**JOB, workers=2, step_timeout=2.0)
+    injector = inject(gate, 2, sigkill)  # replica-1 killed at the gate; its replacement dies loading the state
+    result = Trainer(config, model_fn=partial(gated, partial(torch.nn.Linear, 1, 1), str(gate), 40), dataset_fn=DATA,
+                     loss_fn=F.mse_loss, optimizer_fn=partial(phase_fault_sgd, str(tmp_path), "restore", JOB["lr"]),
+                     quiet=True).fit()
+    injector.join()
+    assert (tmp_path / "restore.claimed").exists()
+    assert_matches_reference(result)
+    [restart] = result.restarts  # one loss, recovered in two tries
+    assert restart["replicas"] == ["replica-1"] and 38 <= restart["step"] < 60
+
+
+def test_a_replica_lost_while_a_resume_restores_is_replaced(ray_local, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = TrainConfig(**JOB, workers=2, output_dir=str(run), checkpoint_every=20, keep_checkpoints=100)
+    Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss, quiet=True).fit()
+    for path in listed(run):  # the run "stopped" after step 40
+        if int(path.name[5:14]) > 40:
+            path.unlink()
+    resumed = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                      optimizer_fn=partial(phase_fault_sgd, str(tmp_path), "restore", JOB["lr"]),
+                      resume_from=str(run)).fit()
+    assert (tmp_path / "restore.claimed").exists() and resumed.resumed_from == 40
+    assert_matches_reference(resumed)
+    [restart] = resumed.restarts
+    assert restart["phase"] == "restoring" and restart["cause"] == "ActorDiedError"
+    assert "lost while restoring (ActorDiedError): replaced" in capsys.readouterr().out
