@@ -2,6 +2,7 @@
 every run that goes on ends with the parameters and losses of an uninterrupted one."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,9 @@ def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path
     assert "restarts: 1 (replica-1, step" in out and "recovered: first step after the loss" in out
     events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "replica_lost" in line]
     assert len(events) == 1
+    if cause == "hang":  # its Python stack, taken (py-spy) before it was killed, stopped in its forward
+        assert re.search(r"replica-1 \(.*; stuck in \S+ \(\S+\.py:\d+\)\): treated as dead", out), out
+        assert "replica.py" in restart["stacks"]["replica-1"] and '"stacks"' in events[0]
 
 
 def test_no_room_for_a_replacement_goes_on_with_fewer_replicas(ray_local, tmp_path, capsys):

@@ -111,3 +111,24 @@ def test_resume_refuses_other_run_defining_fields(tmp_path):
     with pytest.raises(CheckpointError, match=r"was trained with lr=0.1, this run asks for 0.2"):
         checkpoints.resume(tmp_path)
     RunCheckpoints(tmp_path, TrainConfig(workers=3, lr=0.1), say=print).resume(tmp_path)  # workers may differ
+
+
+def test_the_frame_a_hung_replica_is_stuck_in_is_read_from_its_py_spy_dump():
+    from raytorch.report import stuck_in
+
+    dump = """Process 4242: ray::Replica.run
+Python v3.11.7 (/usr/bin/python3.11)
+
+Thread 4242 (idle): "MainThread"
+    main_loop (ray/_private/worker.py:946)
+    <module> (ray/_private/workers/default_worker.py:330)
+Thread 4300 (idle): "Thread-2"
+    wait (torch/distributed/distributed_c10d.py:4321)
+    finish (raytorch/collective.py:80)
+    run (raytorch/replica.py:159)
+Thread 4301 (idle): "health"
+    ping (raytorch/health.py:10)
+"""
+    assert stuck_in(dump) == "; stuck in wait (torch/distributed/distributed_c10d.py:4321)"
+    assert stuck_in(dump.replace("replica.py", "other.py")) == "; stuck in main_loop (ray/_private/worker.py:946)"
+    assert stuck_in(None) == "" and stuck_in("py-spy: permission denied") == ""

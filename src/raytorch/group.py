@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .config import TrainConfig
 from .device import replica_env, replica_resources, whole_gpus
@@ -20,11 +23,12 @@ from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
 from .placement import reserve
 from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
-from .report import replica_name
+from .report import replica_name, stuck_in
 from .snapshot import Snapshot
 from .wire import PEER_TIMEOUT_S, choose
 
 START_TIMEOUT_S = 300.0
+PY_SPY_S = 15.0  # a hung replica's stack, taken before it is killed: at most this long
 PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
 SHARED_ARGS = ("init_state", "train_set", "eval_set")  # put in the object store once, read by every replica
 
@@ -101,6 +105,7 @@ class ReplicaGroup:
         self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
         self.generation = 0  # bumped by every change of membership: fresh shared-memory names
         self.losses: list[dict] = []  # replicas lost while starting or restoring, replaced (until_settled)
+        self.hung_stacks: dict[str, Optional[str]] = {}  # py-spy dumps of replicas killed as hung, by name
 
     @property
     def ranks(self) -> list[int]:
@@ -212,7 +217,8 @@ class ReplicaGroup:
                 if hung:
                     for position, _ in hung:
                         self.kill(position)
-                    names = ", ".join(f"{replica_name(self.members[p].rank)} ({why})" for p, why in hung)
+                    names = ", ".join(f"{name} ({why}{stuck_in(self.hung_stacks.get(name))})"
+                                      for name, why in ((replica_name(self.members[p].rank), why) for p, why in hung))
                     raise ReplicaLost(f"{names}: treated as dead after step_timeout "
                                       f"{self.config.step_timeout:g} s") from timed_out
                 # every replica answers and none is stuck in a step: slow, not hung; wait on
@@ -239,8 +245,10 @@ class ReplicaGroup:
 
     def kill(self, position: int) -> None:
         """End a hung replica: through Ray, and by its pid where it runs on this node (ray.kill
-        cannot end a stopped process); its peers stop waiting for it."""
+        cannot end a stopped process); its peers stop waiting for it. Its Python stack first, as
+        evidence of where it hung (hung_stacks)."""
         member = self.members[position]
+        self.hung_stacks[replica_name(member.rank)] = python_stack(member.info)
         ray.kill(member.actor, no_restart=True)
         kill_if_here(member.info)
         for other, m in enumerate(self.members):
@@ -376,6 +384,24 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
         gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])
         gather(actors, [a.unlink_shared.remote() for a in actors])
     return wire, why
+
+
+def python_stack(info: dict) -> Optional[str]:
+    """The Python stacks of the replica `info` describes, now (py-spy dump, which ray[default]
+    installs, run on the replica's node without pausing it); None where that cannot be had."""
+    try:
+        on_its_node = NodeAffinitySchedulingStrategy(info["node_id"], soft=False)
+        return ray.get(_py_spy_dump.options(scheduling_strategy=on_its_node).remote(info["pid"]), timeout=PY_SPY_S)
+    except Exception:  # noqa: BLE001  (evidence only: a replica is killed as hung with or without it)
+        return None
+
+
+@ray.remote(num_cpus=0)
+def _py_spy_dump(pid: int) -> Optional[str]:
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    done = subprocess.run([py_spy, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
+                          timeout=PY_SPY_S)
+    return done.stdout if done.returncode == 0 and done.stdout.strip() else None
 
 
 def kill_if_here(info: dict) -> None:

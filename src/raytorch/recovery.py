@@ -126,6 +126,9 @@ class Recovery:
                   "replaced": [replica_name(r) for r in replacement.replaced],
                   "dropped": [replica_name(r) for r in replacement.dropped],
                   "spares_used": replacement.spares_used, "workers": self.group.size}
+        if self.group.hung_stacks:  # where the replicas killed as hung were stuck (py-spy), for the event log
+            record["stacks"] = dict(self.group.hung_stacks)
+            self.group.hung_stacks.clear()
         at.restarts.append(record)
         self.pipeline.membership_changed()
         self.output.replaced(record, self.group.size)

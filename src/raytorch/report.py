@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,17 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
     evaluated = f", eval loss {eval_loss:.6f}" if eval_loss is not None else ""
     return (f"Done: {steps} steps on {workers} replicas in {wall_s:.1f} s ({samples / wall_s:,.0f} samples/s); "
             f"last epoch loss {loss:.6f}{evaluated}")
+
+
+def stuck_in(dump: Optional[str]) -> str:
+    """'; stuck in wait (torch/distributed/...:123)': the innermost frame of the thread that runs
+    the replica's calls, read from a py-spy dump; '' without one."""
+    if not dump:
+        return ""
+    threads = [block.splitlines() for block in re.split(r"\n(?=Thread )", dump) if block.startswith("Thread ")]
+    frames = [[line.strip() for line in thread[1:] if line.startswith(" ")] for thread in threads]
+    calls = [stack for stack in frames if any("replica.py" in frame for frame in stack)] or [f for f in frames if f]
+    return f"; stuck in {calls[0][0]}" if calls else ""
 
 
 def restarts_line(restarts: list[dict]) -> str:
