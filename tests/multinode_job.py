@@ -12,6 +12,10 @@ Prints, per placement, one JSON line: the nodes the replicas ran on (from the dr
 With --node-loss: one node per worker plus one spare, two runs of two replicas spread over the
 nodes; in each, the node holding replica-1 is removed mid-run (held at a gate, see faults.Gated).
 The first run has the spare to replace it on, the second has none and goes on with one replica.
+
+With --elastic: two nodes of one CPU and an elastic run (workers 2, max_workers 3) paced to last
+~10 s; a third node is added once it trains, the run takes a replica in on it, then the node of
+replica-1 is removed and the run goes on with two.
 """
 
 import os
@@ -33,7 +37,7 @@ import ray
 import torch.nn.functional as F
 from ray.cluster_utils import Cluster
 
-from faults import Gated
+from faults import Gated, straggling
 from polling import wait_for
 from raytorch import TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
@@ -107,6 +111,55 @@ def train_losing_a_node(cluster: Cluster, replace_timeout: float) -> dict:
     }
 
 
+ELASTIC_JOB = dict(JOB, epochs=16)  # 80 steps, ~0.15 s each (paced): room to grow, then to shrink
+
+
+def train_elastic(cluster: Cluster) -> dict:
+    """An elastic run on two one-CPU nodes: a node added (it grows to 3), then one removed (back to 2)."""
+    pace = Path(tempfile.mkdtemp(prefix="pace-"))
+    events: list[str] = []
+
+    def add_then_remove():
+        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train", timeout_s=60)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        events.append("node added")
+        wait_for(lambda: " joined (room appeared)" in console.getvalue(), "a replica to join", timeout_s=60)
+        node = REPLICA_1.search(console.getvalue()).group(1)
+        [doomed] = [n for n in cluster.worker_nodes if n.node_id.startswith(node)]
+        cluster.remove_node(doomed)
+        events.append("node removed")
+
+    console = Tee()
+    config = TrainConfig(workers=2, min_workers=1, max_workers=3, placement="spread", replace_timeout=3.0,
+                         **ELASTIC_JOB)
+    model_fn = partial(straggling, MODEL, str(pace), 0.0, 0, 0.01)  # 0.01 s a sample: ~0.15 s a step
+    outcome: dict = {}
+
+    def fit():  # in a thread: adding a node registers signal handlers, which only the main thread may
+        try:
+            outcome["result"] = Trainer(config, model_fn=model_fn, dataset_fn=DATA, loss_fn=LOSS).fit()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            outcome["error"] = e
+
+    with contextlib.redirect_stdout(console):
+        trainer = threading.Thread(target=fit, daemon=True)
+        trainer.start()
+        add_then_remove()
+        trainer.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    return {
+        "events": events,
+        "console": console.getvalue(),
+        "restarts": result.restarts,
+        "params": {name: p.detach().flatten().tolist() for name, p in result.model.named_parameters()},
+        "epoch_losses": result.epoch_losses,
+        "digests": sorted(set(result.replica_digests)),
+        "workers_at_end": len(result.replica_digests),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=3)
@@ -114,6 +167,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--placement", action="append", choices=["pack", "spread"])
     parser.add_argument("--node-loss", action="store_true")
+    parser.add_argument("--elastic", action="store_true")
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
     # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
@@ -123,6 +177,9 @@ def main() -> None:
         nodes = list(cluster.worker_nodes)
         ray.init(address=cluster.address, logging_level="WARNING")
         total = args.nodes * args.cpus_per_node
+        if args.elastic:
+            print(json.dumps(train_elastic(cluster)), flush=True)
+            return
         if args.node_loss:
             for replace_timeout in (60.0, 5.0):  # the second run finds no node left to replace on
                 wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "two CPUs free")

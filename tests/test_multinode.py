@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multinode_job import DATA, JOB, LOSS, MODEL
+from multinode_job import DATA, ELASTIC_JOB, JOB, LOSS, MODEL
 from raytorch import ConfigError, TrainConfig
 from reference import assert_same_parameters, train_reference
 
@@ -88,8 +88,8 @@ def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_tr
         assert_trained_what_one_process_trains(run)
 
 
-def assert_trained_what_one_process_trains(run: dict) -> None:
-    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **JOB)
+def assert_trained_what_one_process_trains(run: dict, job: dict = JOB) -> None:
+    expected, expected_losses = train_reference(MODEL, DATA(), LOSS, **job)
     assert len(run["digests"]) == 1
     trained = MODEL()
     shapes = trained.state_dict()
@@ -107,6 +107,16 @@ def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewe
     assert restart["replicas"] == ["replica-1"] and restart["replaced"] == ["replica-1"] and restart["workers"] == 2
     [restart] = shrunk["restarts"]
     assert restart["dropped"] == ["replica-1"] and restart["workers"] == 1
+
+
+def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves():
+    [run] = run_job("--nodes", "2", "--cpus-per-node", "1", "--elastic")
+    assert run["events"] == ["node added", "node removed"], run["console"]
+    assert "replica-2 joined (room appeared): 3 replicas from step" in run["console"]
+    [restart] = run["restarts"]  # the removed node's replica: no room for a replacement, dropped
+    assert restart["replicas"] == ["replica-1"] and restart["dropped"] == ["replica-1"] and restart["workers"] == 2
+    assert run["workers_at_end"] == 2
+    assert_trained_what_one_process_trains(run, ELASTIC_JOB)
 
 
 def test_placement_is_a_checked_choice():

@@ -34,6 +34,8 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
         help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default is not None else "")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "workers":  # N, or MIN:MAX for an elastic run (see elastic_range)
+            parser.add_argument(flag, metavar="N|MIN:MAX", help=help_text + "; MIN:MAX: elastic, see --max-workers")
         else:
             kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
             parser.add_argument(flag, type=str if choices else kind, metavar=f.name.upper(),
@@ -48,7 +50,7 @@ def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     path = args.pop("config", None)
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
-    values = {**(read_yaml(path) if path else {}), **args}
+    values = elastic_range({**(read_yaml(path) if path else {}), **args})
     return TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags"), options
 
 
@@ -68,6 +70,22 @@ def with_recipe(values: dict) -> dict:
         if not any(name in values for name in group):
             filled.update({name: recipe[name] for name in group if name in recipe})
     return filled
+
+
+def elastic_range(values: dict) -> dict:
+    """`values` with workers 'MIN:MAX' (flag or file) as workers and min_workers MIN, max_workers MAX;
+    a plain count as an int."""
+    workers = values.get("workers")
+    if not isinstance(workers, str):
+        return values
+    low, colon, high = workers.partition(":")
+    try:
+        if not colon:
+            return {**values, "workers": int(workers)}
+        return {**values, "workers": int(low), "min_workers": int(low), "max_workers": int(high)}
+    except ValueError:
+        raise ConfigError("workers", f"must be a count (2) or an elastic range MIN:MAX (2:4), "
+                                     f"got {workers!r}") from None
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:

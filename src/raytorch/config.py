@@ -169,6 +169,9 @@ class TrainConfig:
     min_workers: int = 1
     """Fewest replicas the run goes on with after losses it cannot replace; below it the run stops with a checkpoint."""
 
+    max_workers: Optional[int] = None
+    """Elastic runs: most replicas. The run starts with as many as fit now (at least workers) and takes in more where room appears mid-run (a node joins, the autoscaler adds one, a lost replica's resources return), between steps, each starting from a live replica's state: the result is the same at any size. The CLI's --workers MIN:MAX sets workers and min_workers to MIN and this to MAX. Default: no growth."""
+
     step_timeout: float = 300.0
     """A replica that spends longer than this on one step, or stops answering for as long, is treated as dead and replaced."""
 
@@ -360,6 +363,15 @@ def _check_outputs_and_recovery(config: TrainConfig) -> None:
         raise ConfigError("spares", f"must be >= 0, got {config.spares}")
     if not 1 <= config.min_workers <= config.workers:
         raise ConfigError("min_workers", f"must be between 1 and workers={config.workers}, got {config.min_workers}")
+    if config.max_workers is not None:
+        if config.max_workers < config.workers:
+            raise ConfigError("max_workers", f"must be at least workers={config.workers}, got {config.max_workers}")
+        if config.spares or config.devices:
+            raise ConfigError("max_workers", "an elastic run grows into free room by itself, each replica alike: "
+                                             "drop spares and devices, or max_workers")
+        if config.batch_size < config.max_workers:
+            raise ConfigError("max_workers", f"{config.max_workers} replicas would leave some without a sample of a "
+                                             f"batch of {config.batch_size}: raise batch_size or lower max_workers")
     for name in ("replace_timeout", "step_timeout"):
         if not getattr(config, name) > 0:
             raise ConfigError(name, f"must be > 0 seconds, got {getattr(config, name)}")

@@ -9,18 +9,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .config import TrainConfig
 from .device import replica_env, replica_resources, whole_gpus
 from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
-from .placement import reserve
+from .placement import reserve_what_fits
 from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
 from .report import replica_name, stuck_in
@@ -28,9 +29,13 @@ from .snapshot import Snapshot
 from .wire import PEER_TIMEOUT_S, choose
 
 START_TIMEOUT_S = 300.0
+GROW_LOOK_S = 2.0  # elastic runs: how often to look for room for one more replica
 PY_SPY_S = 15.0  # a hung replica's stack, taken before it is killed: at most this long
 PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
 SHARED_ARGS = ("init_state", "train_set", "eval_set")  # put in the object store once, read by every replica
+
+
+Bundle = tuple[PlacementGroup, int]  # a placement group and the index of one of its bundles
 
 
 class Member(NamedTuple):
@@ -39,7 +44,7 @@ class Member(NamedTuple):
 
     actor: Any
     rank: int
-    bundle: int
+    bundle: Bundle
     info: dict
 
 
@@ -48,7 +53,7 @@ class Spare(NamedTuple):
 
     actor: Any
     ready: Any  # the ObjectRef of its ready() call
-    bundle: int
+    bundle: Bundle
     name: str
 
 
@@ -59,11 +64,25 @@ class Spares:
         self.create = create
         self.idle: list[Spare] = []
 
-    def add(self, bundle: int, generation: int) -> None:
+    def add(self, bundle: Bundle, generation: int) -> None:
         """Start a spare in `bundle`, in the background."""
-        name = f"spare-{bundle}" + (f".{generation}" if generation else "")
-        actor = self.create(bundle, bundle, name)
+        name = f"spare-{bundle[1]}" + (f".{generation}" if generation else "")
+        actor = self.create(bundle[1], bundle, name)
         self.idle.append(Spare(actor, actor.ready.remote(), bundle, name))
+
+    def stand_in(self, lost: Sequence[Member], generation: int) -> tuple[dict[int, Member], list[str], list[Member]]:
+        """Ready spares in the places of `lost` (each freed bundle gets a new spare, started in the
+        background): the members they became, by rank; their names; the lost that got none."""
+        taken, names, left = {}, [], []
+        for member in lost:
+            spare = self.take(member.rank)
+            if spare is None:
+                left.append(member)
+                continue
+            taken[member.rank], name = spare
+            names.append(name)
+            self.add(member.bundle, generation)
+        return taken, names, left
 
     def take(self, rank: int) -> Optional[tuple[Member, str]]:
         """A built spare, now replica `rank`, and its name; None if none is ready."""
@@ -77,6 +96,47 @@ class Spares:
             except (RayActorError, RayTaskError, GetTimeoutError):
                 ray.kill(spare.actor, no_restart=True)  # lost with its node, or broken: try the next
         return None
+
+
+class Growth:
+    """Room for more replicas, up to TrainConfig.max_workers, sought while the run goes on: a vacant
+    bundle (a dropped replica's, or else a new placement group of one, which an autoscaler sees as
+    demand) gets a replica started in it in the background, one at a time; once it is built the
+    group takes it in between steps (ReplicaGroup.grow)."""
+
+    def __init__(self, create: Callable[[int, Bundle, str], Any], bundle: dict, most: int, next_rank: int):
+        self.create, self.bundle, self.most, self.next_rank = create, bundle, most, next_rank
+        self.vacant: list[Bundle] = []  # bundles with no replica: dropped ones, or made here
+        self.placements: list[PlacementGroup] = []  # the one-bundle groups made here
+        self.pending: Optional[tuple[Any, Any, Bundle]] = None  # (actor, its ready() ref, its bundle)
+        self.built: Optional[Member] = None  # a replica built and waiting to join
+        self.next_look = 0.0
+
+    def ready(self, size: int) -> bool:
+        """Whether a replica is built and waits to join a group of `size`; if none is on its way
+        and the group is below most, start one where room may come. Never blocks."""
+        if self.built is None and self.pending is None and size < self.most and time.monotonic() >= self.next_look:
+            self.next_look = time.monotonic() + GROW_LOOK_S
+            if not self.vacant:
+                self.placements.append(placement_group([dict(self.bundle)]))
+                self.vacant.append((self.placements[-1], 0))
+            bundle = self.vacant.pop(0)
+            actor = self.create(self.next_rank, bundle, replica_name(self.next_rank))
+            self.pending = (actor, actor.ready.remote(), bundle)
+        if self.pending is not None and ray.wait([self.pending[1]], timeout=0)[0]:
+            (actor, ready, bundle), self.pending = self.pending, None
+            try:
+                self.built = Member(actor, self.next_rank, bundle, ray.get(ready))
+                self.next_rank += 1
+            except (RayActorError, RayTaskError):  # lost while starting (with its node): look again later
+                self.vacant.append(bundle)
+        return self.built is not None and size < self.most
+
+    def close(self) -> None:
+        for actor in ([self.pending[0]] if self.pending else []) + ([self.built.actor] if self.built else []):
+            ray.kill(actor)
+        for group in self.placements:
+            remove_placement_group(group)
 
 
 class Replacement(NamedTuple):
@@ -99,7 +159,11 @@ class ReplicaGroup:
                              for name, value in replica_args.items()}
         self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
         bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
-        self.placement = reserve(bundles, config.placement, config.resource_timeout)
+        # elastic (max_workers): as many as fit now, at least workers; room that comes later: growth
+        self.placement, self.workers = reserve_what_fits(bundles, config.workers, config.max_workers or config.workers,
+                                                         config.placement, config.resource_timeout)
+        self.growth = (Growth(self._create, bundles[0], config.max_workers, self.workers + config.spares)
+                       if config.max_workers else None)
         self.members: list[Member] = []
         self.spares = Spares(self._create)
         self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
@@ -123,10 +187,11 @@ class ReplicaGroup:
         """Start every replica (a member at once, so close() ends a start that fails) and wait until
         each is built; returns what each reported. Spares start beside them, used once built. A
         replica that dies while starting is replaced (until_settled)."""
-        workers = self.config.workers
-        self.members = [Member(self._create(rank, rank, replica_name(rank)), rank, rank, {}) for rank in range(workers)]
-        for bundle in range(workers, workers + self.config.spares):
-            self.spares.add(bundle, self.generation)
+        workers = self.workers
+        self.members = [Member(self._create(rank, (self.placement, rank), replica_name(rank)), rank,
+                               (self.placement, rank), {}) for rank in range(workers)]
+        for index in range(workers, workers + self.config.spares):
+            self.spares.add((self.placement, index), self.generation)
         self.losses += until_settled(self._settle, self, RecoveryPolicy(self.config.min_workers), "starting")
         return self.described()
 
@@ -142,11 +207,11 @@ class ReplicaGroup:
     def described(self) -> list[dict]:
         return [dict(m.info, wire=self.wire) for m in self.members]
 
-    def _create(self, rank: int, bundle: int, name: str):
+    def _create(self, rank: int, bundle: Bundle, name: str):
         return self.actor_class.options(
             num_cpus=self.config.cpus_per_replica,
             num_gpus=self.config.gpus_of(rank),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(bundle[0], placement_group_bundle_index=bundle[1]),
             name=name,
             namespace=self.run_name,
             runtime_env=replica_env(self.config, rank),
@@ -215,8 +280,7 @@ class ReplicaGroup:
             except ReplicaTimeout as timed_out:
                 hung, _ = health(self.actors, self.config.step_timeout)
                 if hung:
-                    for position, _ in hung:
-                        self.kill(position)
+                    self._end(hung)
                     names = ", ".join(f"{name} ({why}{stuck_in(self.hung_stacks.get(name))})"
                                       for name, why in ((replica_name(self.members[p].rank), why) for p, why in hung))
                     raise ReplicaLost(f"{names}: treated as dead after step_timeout "
@@ -226,34 +290,20 @@ class ReplicaGroup:
     def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
         """Wait out calls that met a lost replica (they fail at once, or finish) and take their
         errors, which Ray would otherwise print as unhandled."""
-        refs = list(refs)
-        ray.wait(refs, num_returns=len(refs), timeout=self.config.step_timeout if timeout is None else timeout)
-        for ref in refs:
-            try:
-                ray.get(ref, timeout=0)
-            except Exception:  # noqa: BLE001  (expected: these calls met the lost replica)
-                pass
+        take_errors(refs, self.config.step_timeout if timeout is None else timeout)
 
     # -- health and membership --------------------------------------------------------------------
 
     def dead(self) -> list[int]:
         """Ranks of the replicas that are gone; a hung one is killed and counted with them."""
         hung, gone = health(self.actors, self.config.step_timeout)
-        for position, _ in hung:
-            self.kill(position)
+        self._end(hung)
         return sorted(self.members[p].rank for p in gone + [position for position, _ in hung])
 
-    def kill(self, position: int) -> None:
-        """End a hung replica: through Ray, and by its pid where it runs on this node (ray.kill
-        cannot end a stopped process); its peers stop waiting for it. Its Python stack first, as
-        evidence of where it hung (hung_stacks)."""
-        member = self.members[position]
-        self.hung_stacks[replica_name(member.rank)] = python_stack(member.info)
-        ray.kill(member.actor, no_restart=True)
-        kill_if_here(member.info)
-        for other, m in enumerate(self.members):
-            if other != position:
-                m.actor.abandon.remote(position)
+    def _end(self, hung: Sequence[tuple[int, str]]) -> None:
+        """End the hung replicas (positions, with why), their Python stacks kept first (hung_stacks)."""
+        for position, _ in hung:
+            self.hung_stacks[replica_name(self.members[position].rank)] = end_hung(self.members, position)
 
     def replace(self, lost: Sequence[int]) -> Replacement:
         """Put a ready spare in the place of each lost rank, or else start a replacement in its
@@ -262,24 +312,35 @@ class ReplicaGroup:
         The group then holds the survivors and the replacements, by rank."""
         self.generation += 1
         members = {m.rank: m for m in self.members if m.rank not in lost}
-        replaced, spares_used, started = [], [], {}
-        for member in (m for m in self.members if m.rank in lost):
-            taken = self.spares.take(member.rank)
-            if taken is not None:
-                members[member.rank], name = taken
-                replaced.append(member.rank)
-                spares_used.append(name)
-                self.spares.add(member.bundle, self.generation)
-            else:
-                name = f"{replica_name(member.rank)}.{self.generation}"
-                started[member.rank] = (self._create(member.rank, member.bundle, name), member.bundle)
+        taken, spares_used, left = self.spares.stand_in([m for m in self.members if m.rank in lost], self.generation)
+        members.update(taken)
+        replaced = list(taken)
+        started = {m.rank: (self._create(m.rank, m.bundle, f"{replica_name(m.rank)}.{self.generation}"), m.bundle)
+                   for m in left}
         built, dropped = await_started(started, self.config.replace_timeout)
+        if self.growth is not None:  # elastic: a dropped replica's bundle is where the run may grow again
+            self.growth.vacant += [started[rank][1] for rank in dropped]
         members.update(built)
         replaced += list(built)
         self.members = [members[rank] for rank in sorted(members)]
         return Replacement(sorted(replaced), dropped, spares_used)
 
+    def joining(self) -> bool:
+        """Elastic runs: whether a replica waits to join (polled between calls; never blocks)."""
+        return self.growth is not None and self.growth.ready(self.size)
+
+    def grow(self) -> Member:
+        """Take the waiting replica in, with a live replica's state, on a fresh wire (between steps)."""
+        member, self.growth.built = self.growth.built, None
+        self.members.append(member)  # the highest rank: last in wire order
+        self.generation += 1
+        self.copy_state(self.members[0].rank, [member.rank], losses_since=sys.maxsize)
+        self.rewire()
+        return member
+
     def close(self) -> None:
+        if self.growth is not None:
+            self.growth.close()
         for actor in self.actors + [spare.actor for spare in self.spares.idle]:
             ray.kill(actor)
         remove_placement_group(self.placement)
@@ -402,6 +463,31 @@ def _py_spy_dump(pid: int) -> Optional[str]:
     done = subprocess.run([py_spy, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
                           timeout=PY_SPY_S)
     return done.stdout if done.returncode == 0 and done.stdout.strip() else None
+
+
+def take_errors(refs: Sequence, timeout: float) -> None:
+    """Wait up to `timeout` for `refs` and take their errors."""
+    refs = list(refs)
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001  (expected: these calls met the lost replica)
+            pass
+
+
+def end_hung(members: Sequence[Member], position: int) -> Optional[str]:
+    """End the hung replica at `position`: through Ray, and by its pid where it runs on this node
+    (ray.kill cannot end a stopped process); its peers stop waiting for it. Returns its Python
+    stacks, taken first: evidence of where it hung."""
+    member = members[position]
+    stack = python_stack(member.info)
+    ray.kill(member.actor, no_restart=True)
+    kill_if_here(member.info)
+    for other, m in enumerate(members):
+        if other != position:
+            m.actor.abandon.remote(position)
+    return stack
 
 
 def kill_if_here(info: dict) -> None:

@@ -38,7 +38,9 @@ class EpochLoop:
         self.eval_size = eval_size
         self.scalar_linear = scalar_linear  # the seed's model: each epoch's line shows w and b
         self.stop = stop or StopRequest()  # a signal asks the run to stop between calls
-        self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept, lambda: self.stop.requested)
+        # the pipeline pauses between calls for a signal, or for a replica that found room to join (elastic)
+        self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept,
+                                     lambda: self.stop.requested or group.joining())
         self.recovery = Recovery(config, group, self.pipeline, output, plan, RecoveryPolicy(config.min_workers),
                                  self.checkpoint, checkpoints.kept)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
@@ -106,9 +108,20 @@ class EpochLoop:
             self.pipeline.run(at, batches, end)
             if self.stop.requested:  # a signal: the calls in flight are done; stop with a checkpoint
                 self.interrupt()
+            if self.group.joining():  # elastic: room appeared; the new replica joins between steps
+                self.grow()
+            if at.index < end:  # paused early for it: on with the steps
+                continue
             if end < len(batches):  # mid-epoch: a checkpoint and/or an evaluation is due (the epoch's end has its own)
                 self.midway(self.plan.first_step(at.epoch) + end)
         self.output.epoch_steps_done()
+
+    def grow(self) -> None:
+        """A replica that found room (elastic) joins with the others' state; the math is unchanged."""
+        member = self.group.grow()
+        self.pipeline.membership_changed()
+        self.output.joined(replica_name(member.rank), self.group.size,
+                           self.plan.first_step(self.at.epoch) + self.at.index)
 
     def midway(self, step: int) -> None:
         """A checkpoint and/or an evaluation (which may stop the run early) after global step `step`."""

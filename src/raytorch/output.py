@@ -8,6 +8,7 @@ directory is the first; a user's callback (MLflow, W&B, ...) is one more callabl
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -174,6 +175,13 @@ class RunOutput:
         if record["dropped"]:
             self.say(f"no room for a replacement of {', '.join(record['dropped'])} within replace_timeout "
                      f"{self.config.replace_timeout:g} s: going on with {workers} replicas (same result)")
+
+    def joined(self, name: str, workers: int, step: int) -> None:
+        """An elastic run took in a replica that found room."""
+        self.metrics.set(workers=workers)
+        self.say(f"{name} joined (room appeared): {workers} replicas from step {step}, the same math")
+        self.record({"event": "replica_joined", "replica": name, "workers": workers, "step": step,
+                     "at": round(time.time(), 3)})
 
     def lost_before_training(self, record: dict) -> None:
         """A replica lost while the group started or restored a resume: replaced, nothing redone."""

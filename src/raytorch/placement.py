@@ -59,6 +59,23 @@ def shortfall(node_resources: list[dict[str, float]], bundles: list[dict[str, fl
     return None
 
 
+TRY_S = 2.0  # elastic start: how long a size larger than the least is given to fit
+
+
+def reserve_what_fits(bundles: list[dict[str, float]], least: int, most: int, strategy: str,
+                      timeout_s: float | None) -> tuple[PlacementGroup, int]:
+    """A ready placement group of `bundles` (`least` replicas' and the spares'), or for an elastic
+    run (most > least: replicas alike, no spares) of as many as fit now, from `most` down: each
+    size above `least` gets TRY_S to be placed; `least` is reserved as reserve() does (waiting,
+    or a ClusterError). Returns the group and the replicas it holds."""
+    for count in range(most, least, -1):
+        group = placement_group([dict(bundles[0]) for _ in range(count)], strategy=strategy.upper())
+        if group.wait(timeout_seconds=TRY_S):
+            return group, count
+        remove_placement_group(group)
+    return reserve(bundles, strategy, timeout_s), least
+
+
 def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float | None) -> PlacementGroup:
     """A ready placement group of `bundles` (one per replica), or a ClusterError that says what the cluster has.
 
