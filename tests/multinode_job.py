@@ -16,6 +16,10 @@ The first run has the spare to replace it on, the second has none and goes on wi
 With --elastic: two nodes of one CPU and an elastic run (workers 2, max_workers 3) paced to last
 ~10 s; a third node is added once it trains, the run takes a replica in on it, then the node of
 replica-1 is removed and the run goes on with two.
+
+With --drain: three nodes of one CPU, two replicas spread over them; once the run trains, the node
+of replica-1 is marked draining (Ray's drain API, as a spot preemption does), its replica is moved
+to the free node, and then the drained node is removed: nothing lost, nothing redone.
 """
 
 import os
@@ -30,6 +34,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -114,9 +119,68 @@ def train_losing_a_node(cluster: Cluster, replace_timeout: float) -> dict:
 ELASTIC_JOB = dict(JOB, epochs=16)  # 80 steps, ~0.15 s each (paced): room to grow, then to shrink
 
 
+def paced_fit(config: TrainConfig, console: Tee, change):
+    """Fit `config` on the paced model (~0.15 s a step) in a thread, with stdout in `console`,
+    while change() acts on the cluster in this, the main thread (adding a node registers signal
+    handlers, which only the main thread may)."""
+    model_fn = partial(straggling, MODEL, tempfile.mkdtemp(prefix="pace-"), 0.0, 0, 0.01)
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = Trainer(config, model_fn=model_fn, dataset_fn=DATA, loss_fn=LOSS).fit()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            outcome["error"] = e
+
+    with contextlib.redirect_stdout(console):
+        trainer = threading.Thread(target=fit, daemon=True)
+        trainer.start()
+        change()
+        trainer.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def run_record(result, console: Tee, events: list[str]) -> dict:
+    return {
+        "events": events,
+        "console": console.getvalue(),
+        "restarts": result.restarts,
+        "params": {name: p.detach().flatten().tolist() for name, p in result.model.named_parameters()},
+        "epoch_losses": result.epoch_losses,
+        "digests": sorted(set(result.replica_digests)),
+        "workers_at_end": len(result.replica_digests),
+    }
+
+
+def train_draining(cluster: Cluster) -> dict:
+    """Two replicas on three one-CPU nodes; replica-1's node is drained (a preemption notice), then removed."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    events: list[str] = []
+
+    def drain_then_remove():
+        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train", timeout_s=60)
+        node = REPLICA_1.search(console.getvalue()).group(1)
+        [doomed] = [n for n in cluster.worker_nodes if n.node_id.startswith(node)]
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            doomed.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot notice",
+            int(time.time() * 1000) + 60_000)
+        assert accepted, why
+        events.append("node draining")
+        wait_for(lambda: "moved replica-1 off a draining node" in console.getvalue(), "the move", timeout_s=60)
+        cluster.remove_node(doomed)
+        events.append("node removed")
+
+    console = Tee()
+    config = TrainConfig(workers=2, placement="spread", **ELASTIC_JOB)
+    return run_record(paced_fit(config, console, drain_then_remove), console, events)
+
+
 def train_elastic(cluster: Cluster) -> dict:
     """An elastic run on two one-CPU nodes: a node added (it grows to 3), then one removed (back to 2)."""
-    pace = Path(tempfile.mkdtemp(prefix="pace-"))
     events: list[str] = []
 
     def add_then_remove():
@@ -132,32 +196,7 @@ def train_elastic(cluster: Cluster) -> dict:
     console = Tee()
     config = TrainConfig(workers=2, min_workers=1, max_workers=3, placement="spread", replace_timeout=3.0,
                          **ELASTIC_JOB)
-    model_fn = partial(straggling, MODEL, str(pace), 0.0, 0, 0.01)  # 0.01 s a sample: ~0.15 s a step
-    outcome: dict = {}
-
-    def fit():  # in a thread: adding a node registers signal handlers, which only the main thread may
-        try:
-            outcome["result"] = Trainer(config, model_fn=model_fn, dataset_fn=DATA, loss_fn=LOSS).fit()
-        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
-            outcome["error"] = e
-
-    with contextlib.redirect_stdout(console):
-        trainer = threading.Thread(target=fit, daemon=True)
-        trainer.start()
-        add_then_remove()
-        trainer.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    result = outcome["result"]
-    return {
-        "events": events,
-        "console": console.getvalue(),
-        "restarts": result.restarts,
-        "params": {name: p.detach().flatten().tolist() for name, p in result.model.named_parameters()},
-        "epoch_losses": result.epoch_losses,
-        "digests": sorted(set(result.replica_digests)),
-        "workers_at_end": len(result.replica_digests),
-    }
+    return run_record(paced_fit(config, console, add_then_remove), console, events)
 
 
 def main() -> None:
@@ -168,6 +207,7 @@ def main() -> None:
     parser.add_argument("--placement", action="append", choices=["pack", "spread"])
     parser.add_argument("--node-loss", action="store_true")
     parser.add_argument("--elastic", action="store_true")
+    parser.add_argument("--drain", action="store_true")
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
     # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
@@ -177,6 +217,9 @@ def main() -> None:
         nodes = list(cluster.worker_nodes)
         ray.init(address=cluster.address, logging_level="WARNING")
         total = args.nodes * args.cpus_per_node
+        if args.drain:
+            print(json.dumps(train_draining(cluster)), flush=True)
+            return
         if args.elastic:
             print(json.dumps(train_elastic(cluster)), flush=True)
             return

@@ -119,6 +119,14 @@ def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves
     assert_trained_what_one_process_trains(run, ELASTIC_JOB)
 
 
+def test_a_replica_on_a_draining_node_is_moved_before_the_node_goes_with_nothing_redone():
+    [run] = run_job("--nodes", "3", "--cpus-per-node", "1", "--drain")
+    assert run["events"] == ["node draining", "node removed"], run["console"]
+    assert "moved replica-1 off a draining node before step" in run["console"]
+    assert run["restarts"] == [] and run["workers_at_end"] == 2  # no loss: the node went after the move
+    assert_trained_what_one_process_trains(run, ELASTIC_JOB)
+
+
 def test_placement_is_a_checked_choice():
     assert TrainConfig().placement == "pack"
     with pytest.raises(ConfigError, match="placement: unknown value 'strict_spread'; choose one of pack, spread"):

@@ -78,9 +78,13 @@ def assigned_attributes(function: ast.FunctionDef) -> set[str]:
 
 @pytest.mark.parametrize("name, cls", [(n, c) for n, classes in STATEFUL.items() for c in classes])
 def test_state_is_declared_in_init(name, cls):
-    [node] = [n for n in parsed(name).body if isinstance(n, ast.ClassDef) and n.name == cls]
+    classes = {n.name: n for n in parsed(name).body if isinstance(n, ast.ClassDef)}
+    node = classes[cls]
     methods = [n for n in node.body if isinstance(n, ast.FunctionDef)]
-    declared = set().union(*(assigned_attributes(m) for m in methods if m.name == "__init__"))
+    # its own __init__ and those of its bases defined beside it (ReplicaGroup's ReplicaCalls)
+    inits = [m for c in [node] + [classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
+             for m in c.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"]
+    declared = set().union(*(assigned_attributes(m) for m in inits))
     late = {f"{m.name} sets self.{a}" for m in methods if m.name != "__init__"
             for a in assigned_attributes(m) - declared}
     assert not late, sorted(late)

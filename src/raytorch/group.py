@@ -29,6 +29,7 @@ from .snapshot import Snapshot
 from .wire import PEER_TIMEOUT_S, choose
 
 START_TIMEOUT_S = 300.0
+DRAIN_LOOK_S = 2.0  # how often to ask Ray which nodes are draining (their replicas are moved)
 GROW_LOOK_S = 2.0  # elastic runs: how often to look for room for one more replica
 PY_SPY_S = 15.0  # a hung replica's stack, taken before it is killed: at most this long
 PING_TIMEOUT_S = 10.0  # a replica's health thread answers at once unless its process is stopped
@@ -84,11 +85,12 @@ class Spares:
             self.add(member.bundle, generation)
         return taken, names, left
 
-    def take(self, rank: int) -> Optional[tuple[Member, str]]:
-        """A built spare, now replica `rank`, and its name; None if none is ready."""
+    def take(self, rank: int, avoid: frozenset = frozenset()) -> Optional[tuple[Member, str]]:
+        """A built spare (on none of the nodes `avoid`), now replica `rank`, and its name; None if
+        none is ready."""
         for spare in list(self.idle):
-            if not ray.wait([spare.ready], timeout=0)[0]:
-                continue  # still starting
+            if not ray.wait([spare.ready], timeout=0)[0] or ray.get(spare.ready).get("node_id") in avoid:
+                continue  # still starting, or on a node about to go
             self.idle.remove(spare)
             try:
                 ray.get(spare.actor.adopt.remote(rank), timeout=PING_TIMEOUT_S)
@@ -139,6 +141,70 @@ class Growth:
             remove_placement_group(group)
 
 
+class Moves:
+    """Replicas on a node Ray marks as draining (a spot preemption, `ray drain-node`, an autoscaler's
+    scale-down) are moved before the node goes: for each, a stand-in (a ready spare elsewhere, or a
+    replica started in a new placement group of one, which Ray places on a node that is not
+    draining) is started in the background; once built, it takes the replica's place between
+    steps with its state (ReplicaGroup.move): nothing is redone."""
+
+    def __init__(self, create: Callable[[int, Bundle, str], Any], spares: Spares, bundle: dict):
+        self.create, self.spares, self.bundle = create, spares, bundle
+        self.pending: dict[int, tuple[Any, Any, Bundle]] = {}  # rank: a stand-in on its way
+        self.built: dict[int, Member] = {}  # rank: a stand-in ready to take the place
+        self.placements: list[PlacementGroup] = []  # the one-bundle groups made here
+        self.next_look = 0.0
+
+    def ready(self, members: Sequence[Member], generation: int) -> bool:
+        """Whether a stand-in is built for one of `members`; every DRAIN_LOOK_S, start one for each
+        replica found on a draining node. Never blocks for long (one question to Ray's GCS)."""
+        if time.monotonic() >= self.next_look:
+            self.next_look = time.monotonic() + DRAIN_LOOK_S
+            draining = draining_nodes()
+            for m in members:
+                if m.info.get("node_id") in draining and m.rank not in self.pending and m.rank not in self.built:
+                    self._stand_in(m, generation, draining)
+        for rank, (actor, ready, bundle) in list(self.pending.items()):
+            if ray.wait([ready], timeout=0)[0]:
+                del self.pending[rank]
+                try:
+                    self.built[rank] = Member(actor, rank, bundle, ray.get(ready))
+                except (RayActorError, RayTaskError):
+                    pass  # lost while starting: the next look starts another
+        return any(m.rank in self.built for m in members)
+
+    def _stand_in(self, member: Member, generation: int, draining: frozenset) -> None:
+        spare = self.spares.take(member.rank, avoid=draining)
+        if spare is not None:
+            self.built[member.rank] = spare[0]
+            return
+        self.placements.append(placement_group([dict(self.bundle)]))
+        bundle = (self.placements[-1], 0)
+        actor = self.create(member.rank, bundle, f"{replica_name(member.rank)}.moved{generation}")
+        self.pending[member.rank] = (actor, actor.ready.remote(), bundle)
+
+    def take(self, ranks: Sequence[int]) -> dict[int, Member]:
+        """The built stand-ins for `ranks`, handed over."""
+        return {rank: self.built.pop(rank) for rank in list(self.built) if rank in ranks}
+
+    def close(self) -> None:
+        for actor in [a for a, _, _ in self.pending.values()] + [m.actor for m in self.built.values()]:
+            ray.kill(actor)
+        for group in self.placements:
+            remove_placement_group(group)
+
+
+def draining_nodes() -> frozenset:
+    """Ids of the nodes Ray marks as draining; none where Ray's GCS cannot be asked."""
+    try:
+        from ray._raylet import GcsClient
+
+        gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+        return frozenset(gcs.get_draining_nodes(timeout=5))
+    except Exception:  # noqa: BLE001  (a question, not a duty: the run goes on, losses are recovered)
+        return frozenset()
+
+
 class Replacement(NamedTuple):
     """What replace() did: ranks replaced, ranks dropped (no room in time), spares used (by name)."""
 
@@ -147,28 +213,14 @@ class Replacement(NamedTuple):
     spares_used: list[str]
 
 
-class ReplicaGroup:
-    """The live replicas in wire order (position p holds `members[p]`), the idle spares, and how
-    gradients travel between the replicas. The only caller of Ray for replicas: the driver asks
-    the group, and Ray's errors become raytorch's here (gather)."""
+class ReplicaCalls:
+    """The driver's requests to the live replicas (`members`, in wire order: position p holds
+    members[p]), each to every replica unless said otherwise, and Ray's errors made raytorch's
+    (gather): a replica that stops answering for step_timeout is found, its stack kept, killed."""
 
-    def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
-        self.config, self.run_name = config, run_name
-        # the big arguments go to the object store once: every replica (and replacement) reads them there
-        self.replica_args = {name: ray.put(value) if name in SHARED_ARGS and value is not None else value
-                             for name, value in replica_args.items()}
-        self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
-        bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
-        # elastic (max_workers): as many as fit now, at least workers; room that comes later: growth
-        self.placement, self.workers = reserve_what_fits(bundles, config.workers, config.max_workers or config.workers,
-                                                         config.placement, config.resource_timeout)
-        self.growth = (Growth(self._create, bundles[0], config.max_workers, self.workers + config.spares)
-                       if config.max_workers else None)
+    def __init__(self, config: TrainConfig):
+        self.config = config
         self.members: list[Member] = []
-        self.spares = Spares(self._create)
-        self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
-        self.generation = 0  # bumped by every change of membership: fresh shared-memory names
-        self.losses: list[dict] = []  # replicas lost while starting or restoring, replaced (until_settled)
         self.hung_stacks: dict[str, Optional[str]] = {}  # py-spy dumps of replicas killed as hung, by name
 
     @property
@@ -182,6 +234,85 @@ class ReplicaGroup:
     @property
     def actors(self) -> list:
         return [m.actor for m in self.members]
+
+    def run(self, plans: list, carried: list, name: str) -> tuple[list, list]:
+        """Each replica follows its plan (Replica.run), the dashboard's task list showing `name`;
+        returns the refs of their handoffs (gradients) and of their RunReports."""
+        calls = [m.actor.run.options(name=name).remote(plan, *carried) for m, plan in zip(self.members, plans)]
+        return [c[0] for c in calls], [c[1] for c in calls]
+
+    def apply(self, reduce, carried: list) -> list:
+        """Every replica applies an all-reduce on its own (Replica.apply); returns the calls' refs."""
+        return [m.actor.apply.remote(reduce, *carried) for m in self.members]
+
+    def call_all(self, method: str, *args) -> list:
+        """Every replica's answer to `method(*args)`, in wire order."""
+        return self.get([getattr(m.actor, method).remote(*args) for m in self.members])
+
+    def call_each(self, method: str, args: Sequence[tuple]) -> list:
+        """Replica p's answer to `method(*args[p])`, in wire order."""
+        return self.get([getattr(m.actor, method).remote(*a) for m, a in zip(self.members, args)])
+
+    def first(self, method: str, *args):
+        """The first replica's answer to `method(*args)` (its state stands for all: they are equal)."""
+        return self.get([getattr(self.members[0].actor, method).remote(*args)])[0]
+
+    def positions(self, ranks: Sequence[int]) -> list[int]:
+        """Steps applied by each of `ranks` (after the calls queued before)."""
+        actor = {m.rank: m.actor for m in self.members}
+        return self.get([actor[rank].position.remote() for rank in ranks])
+
+    def get(self, refs: Sequence, timeout: float | None = None):
+        """gather(), where a replica that stops answering for step_timeout is found and killed:
+        ReplicaLost then, as for one that died."""
+        limit = self.config.step_timeout if timeout is None else timeout
+        while True:
+            try:
+                return gather(self.actors, refs, timeout=limit)
+            except ReplicaTimeout as timed_out:
+                hung, _ = health(self.actors, self.config.step_timeout)
+                if hung:
+                    self._end(hung)
+                    names = ", ".join(f"{name} ({why}{stuck_in(self.hung_stacks.get(name))})"
+                                      for name, why in ((replica_name(self.members[p].rank), why) for p, why in hung))
+                    raise ReplicaLost(f"{names}: treated as dead after step_timeout "
+                                      f"{self.config.step_timeout:g} s") from timed_out
+                # every replica answers and none is stuck in a step: slow, not hung; wait on
+
+    def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
+        """Wait out calls that met a lost replica (they fail at once, or finish) and take their
+        errors, which Ray would otherwise print as unhandled."""
+        take_errors(refs, self.config.step_timeout if timeout is None else timeout)
+
+    def _end(self, hung: Sequence[tuple[int, str]]) -> None:
+        """End the hung replicas (positions, with why), their Python stacks kept first (hung_stacks)."""
+        for position, _ in hung:
+            self.hung_stacks[replica_name(self.members[position].rank)] = end_hung(self.members, position)
+
+
+class ReplicaGroup(ReplicaCalls):
+    """The live replicas in wire order (position p holds `members[p]`): starting them, replacing
+    the lost, taking in new ones, the idle spares, and how gradients travel between them. With
+    ReplicaCalls, the only caller of Ray for replicas: the driver asks the group."""
+
+    def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
+        super().__init__(config)
+        self.run_name = run_name
+        # the big arguments go to the object store once: every replica (and replacement) reads them there
+        self.replica_args = {name: ray.put(value) if name in SHARED_ARGS and value is not None else value
+                             for name, value in replica_args.items()}
+        self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
+        bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
+        # elastic (max_workers): as many as fit now, at least workers; room that comes later: growth
+        self.placement, self.workers = reserve_what_fits(bundles, config.workers, config.max_workers or config.workers,
+                                                         config.placement, config.resource_timeout)
+        self.growth = (Growth(self._create, bundles[0], config.max_workers, self.workers + config.spares)
+                       if config.max_workers else None)
+        self.spares = Spares(self._create)
+        self.moves = Moves(self._create, self.spares, bundles[0])  # off nodes that are draining
+        self.wire, self.wire_reason = "object_store", ""  # how gradients travel, and why (rewire)
+        self.generation = 0  # bumped by every change of membership: fresh shared-memory names
+        self.losses: list[dict] = []  # replicas lost while starting or restoring, replaced (until_settled)
 
     def start(self) -> list[dict]:
         """Start every replica (a member at once, so close() ends a start that fails) and wait until
@@ -222,35 +353,6 @@ class ReplicaGroup:
         self.wire, self.wire_reason = connect_wire(self.config, self.actors, [m.info for m in self.members],
                                                    f"{self.run_name}-g{self.generation}")
 
-    # -- calls: the driver's requests, each to every replica unless said otherwise ---------------
-
-    def run(self, plans: list, carried: list, name: str) -> tuple[list, list]:
-        """Each replica follows its plan (Replica.run), the dashboard's task list showing `name`;
-        returns the refs of their handoffs (gradients) and of their RunReports."""
-        calls = [m.actor.run.options(name=name).remote(plan, *carried) for m, plan in zip(self.members, plans)]
-        return [c[0] for c in calls], [c[1] for c in calls]
-
-    def apply(self, reduce, carried: list) -> list:
-        """Every replica applies an all-reduce on its own (Replica.apply); returns the calls' refs."""
-        return [m.actor.apply.remote(reduce, *carried) for m in self.members]
-
-    def call_all(self, method: str, *args) -> list:
-        """Every replica's answer to `method(*args)`, in wire order."""
-        return self.get([getattr(m.actor, method).remote(*args) for m in self.members])
-
-    def call_each(self, method: str, args: Sequence[tuple]) -> list:
-        """Replica p's answer to `method(*args[p])`, in wire order."""
-        return self.get([getattr(m.actor, method).remote(*a) for m, a in zip(self.members, args)])
-
-    def first(self, method: str, *args):
-        """The first replica's answer to `method(*args)` (its state stands for all: they are equal)."""
-        return self.get([getattr(self.members[0].actor, method).remote(*args)])[0]
-
-    def positions(self, ranks: Sequence[int]) -> list[int]:
-        """Steps applied by each of `ranks` (after the calls queued before)."""
-        actor = {m.rank: m.actor for m in self.members}
-        return self.get([actor[rank].position.remote() for rank in ranks])
-
     def copy_state(self, source: int, to: Sequence[int], losses_since: int) -> Snapshot:
         """Load replica `source`'s state into replicas `to` (ranks); returns the snapshot, with the
         global losses of its applied steps from `losses_since` on."""
@@ -270,28 +372,6 @@ class ReplicaGroup:
 
         self.losses += until_settled(restore_all, self, RecoveryPolicy(self.config.min_workers), "restoring")
 
-    def get(self, refs: Sequence, timeout: float | None = None):
-        """gather(), where a replica that stops answering for step_timeout is found and killed:
-        ReplicaLost then, as for one that died."""
-        limit = self.config.step_timeout if timeout is None else timeout
-        while True:
-            try:
-                return gather(self.actors, refs, timeout=limit)
-            except ReplicaTimeout as timed_out:
-                hung, _ = health(self.actors, self.config.step_timeout)
-                if hung:
-                    self._end(hung)
-                    names = ", ".join(f"{name} ({why}{stuck_in(self.hung_stacks.get(name))})"
-                                      for name, why in ((replica_name(self.members[p].rank), why) for p, why in hung))
-                    raise ReplicaLost(f"{names}: treated as dead after step_timeout "
-                                      f"{self.config.step_timeout:g} s") from timed_out
-                # every replica answers and none is stuck in a step: slow, not hung; wait on
-
-    def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
-        """Wait out calls that met a lost replica (they fail at once, or finish) and take their
-        errors, which Ray would otherwise print as unhandled."""
-        take_errors(refs, self.config.step_timeout if timeout is None else timeout)
-
     # -- health and membership --------------------------------------------------------------------
 
     def dead(self) -> list[int]:
@@ -299,11 +379,6 @@ class ReplicaGroup:
         hung, gone = health(self.actors, self.config.step_timeout)
         self._end(hung)
         return sorted(self.members[p].rank for p in gone + [position for position, _ in hung])
-
-    def _end(self, hung: Sequence[tuple[int, str]]) -> None:
-        """End the hung replicas (positions, with why), their Python stacks kept first (hung_stacks)."""
-        for position, _ in hung:
-            self.hung_stacks[replica_name(self.members[position].rank)] = end_hung(self.members, position)
 
     def replace(self, lost: Sequence[int]) -> Replacement:
         """Put a ready spare in the place of each lost rank, or else start a replacement in its
@@ -338,7 +413,26 @@ class ReplicaGroup:
         self.rewire()
         return member
 
+    def moving(self) -> bool:
+        """Whether a stand-in for a replica on a draining node is built (polled between calls)."""
+        return self.moves.ready(self.members, self.generation)
+
+    def move(self) -> list[str]:
+        """Each built stand-in takes the place of the replica it stands in for, with its state, on a
+        fresh wire (between steps: nothing is redone); that replica is ended. Returns their names."""
+        moved = self.moves.take(self.ranks)
+        for rank, member in moved.items():
+            position = self.ranks.index(rank)
+            old = self.members[position]
+            self.get([member.actor.restore.remote(old.actor.snapshot.remote())])
+            self.members[position] = member
+            ray.kill(old.actor)
+        self.generation += 1
+        self.rewire()
+        return [replica_name(rank) for rank in moved]
+
     def close(self) -> None:
+        self.moves.close()
         if self.growth is not None:
             self.growth.close()
         for actor in self.actors + [spare.actor for spare in self.spares.idle]:

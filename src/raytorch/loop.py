@@ -40,7 +40,7 @@ class EpochLoop:
         self.stop = stop or StopRequest()  # a signal asks the run to stop between calls
         # the pipeline pauses between calls for a signal, or for a replica that found room to join (elastic)
         self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept,
-                                     lambda: self.stop.requested or group.joining())
+                                     lambda: self.stop.requested or group.joining() or group.moving())
         self.recovery = Recovery(config, group, self.pipeline, output, plan, RecoveryPolicy(config.min_workers),
                                  self.checkpoint, checkpoints.kept)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
@@ -110,7 +110,9 @@ class EpochLoop:
                 self.interrupt()
             if self.group.joining():  # elastic: room appeared; the new replica joins between steps
                 self.grow()
-            if at.index < end:  # paused early for it: on with the steps
+            if self.group.moving():  # a node is draining: its replicas' stand-ins take their places
+                self.output.moved(self.group.move(), self.plan.first_step(at.epoch) + at.index)
+            if at.index < end:  # paused early for either: on with the steps
                 continue
             if end < len(batches):  # mid-epoch: a checkpoint and/or an evaluation is due (the epoch's end has its own)
                 self.midway(self.plan.first_step(at.epoch) + end)

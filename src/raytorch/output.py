@@ -183,6 +183,11 @@ class RunOutput:
         self.record({"event": "replica_joined", "replica": name, "workers": workers, "step": step,
                      "at": round(time.time(), 3)})
 
+    def moved(self, names: list[str], step: int) -> None:
+        """Replicas moved off draining nodes before those went."""
+        self.say(f"moved {', '.join(names)} off a draining node before step {step}: nothing redone")
+        self.record({"event": "replicas_moved", "replicas": names, "step": step, "at": round(time.time(), 3)})
+
     def lost_before_training(self, record: dict) -> None:
         """A replica lost while the group started or restored a resume: replaced, nothing redone."""
         self.metrics.restarted(len(record["replicas"]))
