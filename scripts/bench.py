@@ -48,6 +48,10 @@ def main() -> int:
     parser.add_argument("--prefetch", action="store_true",
                         help="only the input pipeline: a dataset waiting 1 ms per sample, W=2, batch 32; raytorch "
                              "with and without loader_workers vs Ray Train with DataLoader workers")
+    parser.add_argument("--faults", type=int, metavar="RUNS", default=0,
+                        help="only faults at random moments: RUNS runs of a small job, each with one replica "
+                             "SIGKILLed or SIGSTOPped at a random moment, against the same job undisturbed "
+                             "(benchmarks/faults.py)")
     parser.add_argument("--multinode", action="store_true",
                         help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
                              "object-store and collective wires vs Ray Train (benchmarks/multinode.py)")
@@ -67,6 +71,16 @@ def main() -> int:
 
         save({"allreduce": allreduce.main(args.rounds)}, args.json)
         ray.shutdown()
+        return 0
+    if args.faults:
+        import faults
+
+        figures = faults.main(args.faults, seed=0)
+        save({"faults": figures}, args.json)
+        ray.shutdown()
+        print(f"\n{figures['survived']}/{len(figures['runs'])} runs finished, {figures['faulted']} of them after a "
+              f"replica loss; largest parameter difference from the undisturbed run {figures['max_rel_param_diff']}; "
+              f"recovery {figures['recovery_s_median']} s median, {figures['recovery_s_max']} s at most")
         return 0
     if args.prefetch:
         import prefetch

@@ -151,6 +151,7 @@ def run_record(result, console: Tee, events: list[str]) -> dict:
         "epoch_losses": result.epoch_losses,
         "digests": sorted(set(result.replica_digests)),
         "workers_at_end": len(result.replica_digests),
+        "steps_redone": result.steps_redone,
     }
 
 

@@ -28,7 +28,7 @@ def test_a_replica_lost_while_starting_in_its_first_step_or_evaluating_is_replac
     assert restart["cause"] == "ActorDiedError" and restart["workers"] == 2 and len(restart["replaced"]) == 1
     out = capsys.readouterr().out
     if phase == "start":
-        assert restart["phase"] == "starting" and restart["step"] is None
+        assert restart["phase"] == "starting" and restart["step"] is None and result.steps_redone == 0
         assert "lost while starting (ActorDiedError): replaced replica-" in out
         assert "while starting, ActorDiedError" in out  # the closing restarts line
     else:
@@ -44,6 +44,7 @@ def test_a_replica_lost_during_a_checkpoint_is_replaced_and_the_checkpoint_writt
     assert_matches_reference(result)
     [restart] = result.restarts
     assert restart["step"] == 30 and restart["replicas"] == ["replica-0"]  # the first replica's state is taken
+    assert result.steps_redone == 0  # lost between epochs: no step was in flight
     assert sorted(int(p.name[5:14]) for p in listed(run)) == [30, 60, 90]  # none missing
 
 
@@ -76,5 +77,5 @@ def test_a_replica_lost_while_a_resume_restores_is_replaced(ray_local, tmp_path,
     assert (tmp_path / "restore.claimed").exists() and resumed.resumed_from == 40
     assert_matches_reference(resumed)
     [restart] = resumed.restarts
-    assert restart["phase"] == "restoring" and restart["cause"] == "ActorDiedError"
+    assert restart["phase"] == "restoring" and restart["cause"] == "ActorDiedError" and resumed.steps_redone == 0
     assert "lost while restoring (ActorDiedError): replaced" in capsys.readouterr().out

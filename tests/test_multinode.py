@@ -124,6 +124,7 @@ def test_a_replica_on_a_draining_node_is_moved_before_the_node_goes_with_nothing
     assert run["events"] == ["node draining", "node removed"], run["console"]
     assert "moved replica-1 off a draining node before step" in run["console"]
     assert run["restarts"] == [] and run["workers_at_end"] == 2  # no loss: the node went after the move
+    assert run["steps_redone"] == 0
     assert_trained_what_one_process_trains(run, ELASTIC_JOB)
 
 

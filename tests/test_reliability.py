@@ -118,6 +118,7 @@ def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path
     # hit in epoch 1: the gate holds replicas at step 39 (ray.kill lands a little later)
     assert 38 <= restart["step"] < 60
     assert restart["recovery_s"] > 0
+    assert result.steps_redone <= 1  # at most the interrupted step: its gradient computed, not applied
     out = capsys.readouterr().out
     assert "restarts: 1 (replica-1, step" in out and "recovered: first step after the loss" in out
     events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "replica_lost" in line]

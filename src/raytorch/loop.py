@@ -210,7 +210,7 @@ class EpochLoop:
             epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies, model=model,
             steps=steps, samples=samples, wall_time_s=wall_s, replica_digests=digests, epoch_times_s=self.epoch_times,
             time_to_first_step_s=self.first_step_s, replica_memory=memory, restarts=at.restarts,
-            skipped_steps=at.skipped,
+            skipped_steps=at.skipped, steps_redone=max(p["redone"] for p in group.call_all("ping")),
             replica_samples={replica_name(rank): n for rank, n in sorted(pipeline.replica_samples.items())})
 
     def abandon(self) -> None:

@@ -117,6 +117,7 @@ class Replica:
         self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         self.steps = 0  # updates applied: the gradient computed next belongs to this global step
+        self.computed, self.redone = -1, 0  # the latest step it computed a gradient of; those computed again
         self.on_nonfinite = config.on_nonfinite
         self.loss_log: deque = deque(maxlen=LOSS_LOG_STEPS)  # (step, global loss) per applied step
         self.metrics = ReplicaMetrics(run_name, replica_name(rank)) if ray.is_initialized() else None
@@ -182,6 +183,8 @@ class Replica:
         if len(indices) == 0:
             return None, None, 0.0
         into = self.wire.target(self.steps)
+        self.redone += self.steps <= self.computed  # after a loss: a step this replica had computed already
+        self.computed = max(self.computed, self.steps)
         loss, what = self.learner.gradient(indices, share, into, self.steps)
         if what is not None:
             if self.on_nonfinite == "stop":
@@ -265,7 +268,8 @@ class Replica:
     def ping(self) -> dict:
         """Liveness and progress: steps applied, and for how long the current step has computed."""
         since = self.learner.computing_since
-        return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since}
+        return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since,
+                "redone": self.redone}
 
     @ray.method(concurrency_group="health")
     def abandon(self, position: int) -> None:

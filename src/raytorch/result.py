@@ -40,6 +40,9 @@ class TrainResult:
     """For a classifier: the fraction of the eval set classified right after each epoch."""
     replica_samples: dict[str, int] = field(default_factory=dict)
     """Training samples each replica computed on in this run (replica-<rank>: count): the split."""
+    steps_redone: int = 0
+    """Steps whose gradient a replica computed again after a loss (the interrupted step, whose
+    gradient was computed but not applied), counted by the replicas: 0 without losses."""
 
     @property
     def eval_loss(self) -> Optional[float]:
