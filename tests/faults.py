@@ -106,13 +106,21 @@ def die_once(folder: str, phase: str) -> None:
 
 class PhaseFault(torch.nn.Linear):
     """A 1 -> 1 linear model whose replica dies once at `phase`: 'start' (building the model in a
-    replica), 'first_step' (its first training forward), 'evaluation' (an eval forward)."""
+    replica), 'first_step' (its first training forward), 'evaluation' (an eval forward), 'finish'
+    (its state read after the last step: the run's closing digests)."""
 
     def __init__(self, folder: str, phase: str):
         super().__init__(1, 1)
         self.folder, self.phase, self.forwards = folder, phase, 0
         if phase == "start":
             die_once(folder, phase)
+        if phase == "finish":  # a buffer: not the seed's scalar model, whose state is read every epoch
+            self.register_buffer("marker", torch.zeros(1))
+
+    def state_dict(self, *args, **kwargs):
+        if self.phase == "finish":
+            die_once(self.folder, self.phase)
+        return super().state_dict(*args, **kwargs)
 
     def forward(self, x):
         if self.training:

@@ -16,9 +16,9 @@ from raytorch.checkpoint import listed
 from test_reliability import DATA, JOB, assert_matches_reference, inject, sigkill
 
 
-@pytest.mark.parametrize("phase", ["start", "first_step", "evaluation"])
-def test_a_replica_lost_while_starting_in_its_first_step_or_evaluating_is_replaced(ray_local, tmp_path, capsys,
-                                                                                    phase):
+@pytest.mark.parametrize("phase", ["start", "first_step", "evaluation", "finish"])
+def test_a_replica_lost_while_starting_in_its_first_step_evaluating_or_finishing_is_replaced(ray_local, tmp_path,
+                                                                                             capsys, phase):
     config = TrainConfig(**JOB, workers=2)
     result = Trainer(config, model_fn=partial(PhaseFault, str(tmp_path), phase), dataset_fn=DATA,
                      eval_dataset_fn=DATA, loss_fn=F.mse_loss).fit()
@@ -31,8 +31,8 @@ def test_a_replica_lost_while_starting_in_its_first_step_or_evaluating_is_replac
         assert restart["phase"] == "starting" and restart["step"] is None and result.steps_redone == 0
         assert "lost while starting (ActorDiedError): replaced replica-" in out
         assert "while starting, ActorDiedError" in out  # the closing restarts line
-    else:
-        assert restart["step"] == (0 if phase == "first_step" else 30)  # evaluation: after epoch 0's 30 steps
+    else:  # evaluation: after epoch 0's 30 steps; finish: after the last
+        assert restart["step"] == {"first_step": 0, "evaluation": 30, "finish": 90}[phase]
 
 
 def test_a_replica_lost_during_a_checkpoint_is_replaced_and_the_checkpoint_written(ray_local, tmp_path):

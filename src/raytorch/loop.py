@@ -61,7 +61,12 @@ class EpochLoop:
             self.epochs()
         finally:
             self.stop.listening = False
-        return self.finish(model, time.perf_counter() - started)
+        wall_s = time.perf_counter() - started
+        while True:
+            try:
+                return self.finish(model, wall_s)
+            except ReplicaLost as lost:  # after the last step: recover (nothing to redo), then finish
+                self.recovery.recover(lost, self.at, self.plan.batches_of(self.at.epoch))
 
     def epochs(self) -> None:
         """The epochs from where the run stands to its end (or its early stop)."""
@@ -202,15 +207,17 @@ class EpochLoop:
         at, group, pipeline = self.at, self.group, self.pipeline
         steps, samples = self.done() if at.stopped else (self.plan.total_steps,
                                                           self.plan.samples_through(self.plan.epochs - 1))
+        # everything asked of the replicas first: a replica lost meanwhile is recovered and all asked again
         digests, memory = group.call_all("digest"), group.call_all("memory")
+        redone, state = max(p["redone"] for p in group.call_all("ping")), group.first("state")
         self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
                              digests)
-        model.load_state_dict(group.first("state"))
+        model.load_state_dict(state)
         return TrainResult(
             epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies, model=model,
             steps=steps, samples=samples, wall_time_s=wall_s, replica_digests=digests, epoch_times_s=self.epoch_times,
             time_to_first_step_s=self.first_step_s, replica_memory=memory, restarts=at.restarts,
-            skipped_steps=at.skipped, steps_redone=max(p["redone"] for p in group.call_all("ping")),
+            skipped_steps=at.skipped, steps_redone=redone,
             replica_samples={replica_name(rank): n for rank, n in sorted(pipeline.replica_samples.items())})
 
     def abandon(self) -> None:
