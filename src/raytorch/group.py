@@ -3,6 +3,7 @@ turning Ray's errors into ours."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
 from .report import replica_name, stuck_in
 from .snapshot import Snapshot
-from .wire import PEER_TIMEOUT_S, choose
+from .wire import PEER_TIMEOUT_S, SHM_DIR, choose
 
 START_TIMEOUT_S = 300.0
 DRAIN_LOOK_S = 2.0  # how often to ask Ray which nodes are draining (their replicas are moved)
@@ -437,6 +438,11 @@ class ReplicaGroup(ReplicaCalls):
             self.growth.close()
         for actor in self.actors + [spare.actor for spare in self.spares.idle]:
             ray.kill(actor)
+        # shared-memory names a replica created and could not remove (killed while the wire was set
+        # up): those on this node
+        for path in SHM_DIR.glob(f"{self.run_name}-g*"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         remove_placement_group(self.placement)
 
 

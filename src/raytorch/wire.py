@@ -8,6 +8,7 @@ every replica and on every wire.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -141,7 +142,8 @@ class SharedMemoryWire:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
         left in /dev/shm even if this process is killed."""
         for path in self.paths:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):  # removed already (a wire set up again)
+                os.unlink(path)
 
     def target(self, step: int) -> torch.Tensor:
         """The buffer step `step`'s gradient goes into, once no peer reads it any more: backward's
