@@ -214,8 +214,7 @@ class Replica:
         """Switch to (fresh) shared-memory wire buffers at `position` among `world` replicas (all on
         one node); returns this replica's buffer paths."""
         grad = self.learner.host_grad
-        if isinstance(self.wire, SharedMemoryWire):  # a set-up a lost peer broke off: its names go too
-            self.wire.unlink()
+        getattr(self.wire, "unlink", lambda: None)()  # names of a set-up a lost peer broke off go too
         self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
         self.learner.prescaled, self.learner.grads.on_ready = False, None
         return self.wire.paths
