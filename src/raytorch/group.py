@@ -62,7 +62,7 @@ class Spare(NamedTuple):
 class Spares:
     """The idle replicas started ahead (oldest first): `create(rank, bundle, name)` starts one."""
 
-    def __init__(self, create: Callable[[int, int, str], Any]):
+    def __init__(self, create: Callable[[int, Bundle, str], Any]):
         self.create = create
         self.idle: list[Spare] = []
 
@@ -101,17 +101,50 @@ class Spares:
         return None
 
 
+class Starting(NamedTuple):
+    """A replica started in the background (to join, or to stand in): its actor, the ref of its
+    ready() call, its bundle."""
+
+    actor: Any
+    ready: Any
+    bundle: Bundle
+
+    def arrived(self, rank: int) -> tuple[bool, Optional[Member]]:
+        """Whether its start has ended (never blocks), and the member it became as replica `rank`
+        (None where it died while starting, with its node)."""
+        if not ray.wait([self.ready], timeout=0)[0]:
+            return False, None
+        try:
+            return True, Member(self.actor, rank, self.bundle, ray.get(self.ready))
+        except (RayActorError, RayTaskError):
+            return True, None
+
+
+def new_bundle(resources: dict, placements: list[PlacementGroup]) -> Bundle:
+    """A bundle of `resources` in a new placement group of one (kept in `placements`, removed at
+    close): Ray places it where room is, off draining nodes, and an autoscaler sees it as demand."""
+    placements.append(placement_group([dict(resources)]))
+    return placements[-1], 0
+
+
+def release(actors: Sequence, placements: Sequence[PlacementGroup]) -> None:
+    for actor in actors:
+        ray.kill(actor)
+    for group in placements:
+        remove_placement_group(group)
+
+
 class Growth:
     """Room for more replicas, up to TrainConfig.max_workers, sought while the run goes on: a vacant
-    bundle (a dropped replica's, or else a new placement group of one, which an autoscaler sees as
-    demand) gets a replica started in it in the background, one at a time; once it is built the
-    group takes it in between steps (ReplicaGroup.grow)."""
+    bundle (a dropped replica's, or else a new placement group of one) gets a replica started in
+    it in the background, one at a time; once it is built the group takes it in between steps
+    (ReplicaGroup.grow)."""
 
     def __init__(self, create: Callable[[int, Bundle, str], Any], bundle: dict, most: int, next_rank: int):
         self.create, self.bundle, self.most, self.next_rank = create, bundle, most, next_rank
         self.vacant: list[Bundle] = []  # bundles with no replica: dropped ones, or made here
         self.placements: list[PlacementGroup] = []  # the one-bundle groups made here
-        self.pending: Optional[tuple[Any, Any, Bundle]] = None  # (actor, its ready() ref, its bundle)
+        self.pending: Optional[Starting] = None  # the replica on its way
         self.built: Optional[Member] = None  # a replica built and waiting to join
         self.next_look = 0.0
 
@@ -120,26 +153,20 @@ class Growth:
         and the group is below most, start one where room may come. Never blocks."""
         if self.built is None and self.pending is None and size < self.most and time.monotonic() >= self.next_look:
             self.next_look = time.monotonic() + GROW_LOOK_S
-            if not self.vacant:
-                self.placements.append(placement_group([dict(self.bundle)]))
-                self.vacant.append((self.placements[-1], 0))
-            bundle = self.vacant.pop(0)
+            bundle = self.vacant.pop(0) if self.vacant else new_bundle(self.bundle, self.placements)
             actor = self.create(self.next_rank, bundle, replica_name(self.next_rank))
-            self.pending = (actor, actor.ready.remote(), bundle)
-        if self.pending is not None and ray.wait([self.pending[1]], timeout=0)[0]:
-            (actor, ready, bundle), self.pending = self.pending, None
-            try:
-                self.built = Member(actor, self.next_rank, bundle, ray.get(ready))
-                self.next_rank += 1
-            except (RayActorError, RayTaskError):  # lost while starting (with its node): look again later
-                self.vacant.append(bundle)
+            self.pending = Starting(actor, actor.ready.remote(), bundle)
+        if self.pending is not None:
+            done, member = self.pending.arrived(self.next_rank)
+            if done and member is None:  # lost while starting (with its node): look again later
+                self.vacant.append(self.pending.bundle)
+            elif done:
+                self.built, self.next_rank = member, self.next_rank + 1
+            self.pending = None if done else self.pending
         return self.built is not None and size < self.most
 
     def close(self) -> None:
-        for actor in ([self.pending[0]] if self.pending else []) + ([self.built.actor] if self.built else []):
-            ray.kill(actor)
-        for group in self.placements:
-            remove_placement_group(group)
+        release([m.actor for m in (self.pending, self.built) if m is not None], self.placements)
 
 
 class Moves:
@@ -151,9 +178,10 @@ class Moves:
 
     def __init__(self, create: Callable[[int, Bundle, str], Any], spares: Spares, bundle: dict):
         self.create, self.spares, self.bundle = create, spares, bundle
-        self.pending: dict[int, tuple[Any, Any, Bundle]] = {}  # rank: a stand-in on its way
+        self.pending: dict[int, Starting] = {}  # rank: a stand-in on its way
         self.built: dict[int, Member] = {}  # rank: a stand-in ready to take the place
         self.placements: list[PlacementGroup] = []  # the one-bundle groups made here
+        self.gcs: Any = None  # a client of Ray's GCS, made on the first look
         self.next_look = 0.0
 
     def ready(self, members: Sequence[Member], generation: int) -> bool:
@@ -161,49 +189,44 @@ class Moves:
         replica found on a draining node. Never blocks for long (one question to Ray's GCS)."""
         if time.monotonic() >= self.next_look:
             self.next_look = time.monotonic() + DRAIN_LOOK_S
-            draining = draining_nodes()
+            draining = self.draining_nodes()
             for m in members:
                 if m.info.get("node_id") in draining and m.rank not in self.pending and m.rank not in self.built:
                     self._stand_in(m, generation, draining)
-        for rank, (actor, ready, bundle) in list(self.pending.items()):
-            if ray.wait([ready], timeout=0)[0]:
+        for rank, starting in list(self.pending.items()):
+            done, member = starting.arrived(rank)
+            if done:  # where it died while starting, the next look starts another
                 del self.pending[rank]
-                try:
-                    self.built[rank] = Member(actor, rank, bundle, ray.get(ready))
-                except (RayActorError, RayTaskError):
-                    pass  # lost while starting: the next look starts another
+                if member is not None:
+                    self.built[rank] = member
         return any(m.rank in self.built for m in members)
+
+    def draining_nodes(self) -> frozenset:
+        """Ids of the nodes Ray marks as draining; none where Ray's GCS cannot be asked."""
+        try:
+            if self.gcs is None:
+                from ray._raylet import GcsClient
+
+                self.gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+            return frozenset(self.gcs.get_draining_nodes(timeout=5))
+        except Exception:  # noqa: BLE001  (a question, not a duty: the run goes on, losses are recovered)
+            return frozenset()
 
     def _stand_in(self, member: Member, generation: int, draining: frozenset) -> None:
         spare = self.spares.take(member.rank, avoid=draining)
         if spare is not None:
             self.built[member.rank] = spare[0]
             return
-        self.placements.append(placement_group([dict(self.bundle)]))
-        bundle = (self.placements[-1], 0)
+        bundle = new_bundle(self.bundle, self.placements)
         actor = self.create(member.rank, bundle, f"{replica_name(member.rank)}.moved{generation}")
-        self.pending[member.rank] = (actor, actor.ready.remote(), bundle)
+        self.pending[member.rank] = Starting(actor, actor.ready.remote(), bundle)
 
     def take(self, ranks: Sequence[int]) -> dict[int, Member]:
         """The built stand-ins for `ranks`, handed over."""
         return {rank: self.built.pop(rank) for rank in list(self.built) if rank in ranks}
 
     def close(self) -> None:
-        for actor in [a for a, _, _ in self.pending.values()] + [m.actor for m in self.built.values()]:
-            ray.kill(actor)
-        for group in self.placements:
-            remove_placement_group(group)
-
-
-def draining_nodes() -> frozenset:
-    """Ids of the nodes Ray marks as draining; none where Ray's GCS cannot be asked."""
-    try:
-        from ray._raylet import GcsClient
-
-        gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
-        return frozenset(gcs.get_draining_nodes(timeout=5))
-    except Exception:  # noqa: BLE001  (a question, not a duty: the run goes on, losses are recovered)
-        return frozenset()
+        release([s.actor for s in self.pending.values()] + [m.actor for m in self.built.values()], self.placements)
 
 
 class Replacement(NamedTuple):

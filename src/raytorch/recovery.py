@@ -75,6 +75,18 @@ class RecoveryPolicy:
         return Decision(True)
 
 
+def loss_record(lost: ReplicaLost, names: list[str], step: Optional[int], replacement: Replacement, workers: int,
+                detected_at: float, **extra) -> dict:
+    """The replica_lost event of a loss: when found, the step to redo, who, why (the error Ray
+    gave, or 'hang' for a replica killed as hung), what replaced them, the replicas left."""
+    cause = lost.__cause__
+    kind = type(cause).__name__ if cause is not None and not isinstance(cause, ReplicaError) else "hang"
+    return {"event": "replica_lost", **extra, "detected_at": detected_at, "step": step, "replicas": names,
+            "cause": kind, "replaced": [replica_name(r) for r in replacement.replaced],
+            "dropped": [replica_name(r) for r in replacement.dropped], "spares_used": replacement.spares_used,
+            "workers": workers}
+
+
 def until_settled(action: Callable[[], Any], group: ReplicaGroup, policy: RecoveryPolicy, phase: str) -> list[dict]:
     """Run `action` (the group's start, or a resume's restore) to its end: a replica lost meanwhile
     is replaced (or dropped, at min_workers or above) and the action runs again, until the policy
@@ -96,12 +108,7 @@ def until_settled(action: Callable[[], Any], group: ReplicaGroup, policy: Recove
             enough = policy.after_replacement(group.size)
             if not enough.recover:
                 raise ReplicaError(f"{enough.reason} while {phase}") from lost
-            cause = lost.__cause__
-            records.append({"event": "replica_lost", "phase": phase, "detected_at": time.time(), "step": None,
-                            "replicas": names, "cause": type(cause).__name__ if cause is not None else "hang",
-                            "replaced": [replica_name(r) for r in replacement.replaced],
-                            "dropped": [replica_name(r) for r in replacement.dropped],
-                            "spares_used": replacement.spares_used, "workers": group.size})
+            records.append(loss_record(lost, names, None, replacement, group.size, time.time(), phase=phase))
 
 
 class Recovery:
@@ -118,14 +125,9 @@ class Recovery:
         step's gradient is computed again. A ReplicaError where the policy says stop."""
         detected, detected_at = time.perf_counter(), time.time()
         self.pipeline.drain()
-        cause = lost.__cause__
-        kind = type(cause).__name__ if cause is not None and not isinstance(cause, ReplicaError) else "hang"
         self.output.replica_lost(lost)
         names, step, replacement, snapshot = self._replace(lost, at)
-        record = {"event": "replica_lost", "detected_at": detected_at, "step": step, "replicas": names, "cause": kind,
-                  "replaced": [replica_name(r) for r in replacement.replaced],
-                  "dropped": [replica_name(r) for r in replacement.dropped],
-                  "spares_used": replacement.spares_used, "workers": self.group.size}
+        record = loss_record(lost, names, step, replacement, self.group.size, detected_at)
         if self.group.hung_stacks:  # where the replicas killed as hung were stuck (py-spy), for the event log
             record["stacks"] = dict(self.group.hung_stacks)
             self.group.hung_stacks.clear()
