@@ -3,9 +3,12 @@
     <run dir>/checkpoints/step-000000412.pt          torch.save of a dict (load with weights_only=True)
     <run dir>/checkpoints/step-000000412.pt.sha256   its SHA-256: a checkpoint without one is unfinished
 
-Each file is written to a temporary name, flushed to disk (fsync), then renamed into place, so a
-crash leaves either the old set or the new file, never half of one. RunCheckpoints saves where
-a run stands and resumes from it. Pure file logic: no Ray.
+The run directory is a local path or an fsspec URL (storage.py). Locally, each file is written to a
+temporary name, flushed to disk (fsync), then renamed into place, so a crash leaves either the old
+set or the new file, never half of one. An object store has no atomic rename: the checkpoint goes to
+a temporary name, is read back and its SHA-256 checked, then moved to its name; the checksum file,
+written last, publishes it, as locally. RunCheckpoints saves where a run stands and resumes from it.
+Pure file logic: no Ray.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import io
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,51 +27,54 @@ from .config import RUN_DEFINING, TrainConfig
 from .errors import CheckpointError
 from .position import Position
 from .snapshot import Snapshot
+from .storage import check_url, filesystem, is_local, is_url, join
 
 FORMAT = "raytorch-checkpoint/1"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
-def directory(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def directory(run_dir: str | Path) -> str | Path:
+    """A run directory's checkpoint folder: a Path, or a URL for a run directory given as one."""
+    return join(run_dir, "checkpoints")
 
 
-def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> str | Path:
     """Write the checkpoint of global step `step`; then remove all but the newest `keep`."""
-    folder = directory(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "step": step, **payload}, buffer)
     data = buffer.getvalue()
-    path = folder / f"step-{step:09d}.pt"
-    _write_atomically(path, data)
-    _write_atomically(_checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
-    _sync_directory(folder)
-    for old in listed(run_dir)[keep:]:
-        _checksum_path(old).unlink(missing_ok=True)  # first: the pair reads as unfinished from now on
-        old.unlink(missing_ok=True)
-    return path
+    checksum = (hashlib.sha256(data).hexdigest() + "\n").encode()
+    name = f"step-{step:09d}.pt"
+    fs, folder = filesystem(directory(run_dir))
+    if is_local(fs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        _write_atomically(Path(folder) / name, data)
+        _write_atomically(Path(folder) / _checksum_name(name), checksum)
+        _sync_directory(Path(folder))
+    else:
+        _publish(fs, f"{folder}/{name}", data, checksum)
+    for old in _names(fs, folder)[keep:]:
+        _remove(fs, f"{folder}/{_checksum_name(old)}")  # first: the pair reads as unfinished from now on
+        _remove(fs, f"{folder}/{old}")
+    return join(run_dir, "checkpoints", name)
 
 
-def listed(run_dir: str | Path) -> list[Path]:
+def listed(run_dir: str | Path) -> list[str | Path]:
     """The checkpoint files of a run directory, newest (highest step) first."""
-    folder = directory(run_dir)
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
+    return [join(run_dir, "checkpoints", name) for name in _names(*filesystem(directory(run_dir)))]
 
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read one checkpoint, verifying its checksum and format; CheckpointError says what is wrong."""
-    path = Path(path)
+    fs, where = filesystem(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from e
-    try:
-        expected = _checksum_path(path).read_text().strip()
+        expected = fs.cat_file(_checksum_name(where)).decode(errors="replace").strip()
     except OSError as e:
         raise CheckpointError(f"{path}: no checksum file beside it (an unfinished write)") from e
+    try:
+        data = fs.cat_file(where)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from e
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise CheckpointError(f"{path}: checksum mismatch ({len(data)} bytes; truncated or corrupted)")
@@ -80,7 +87,7 @@ def load(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_latest(run_dir: str | Path) -> tuple[dict[str, Any], Path, list[str]]:
+def load_latest(run_dir: str | Path) -> tuple[dict[str, Any], str | Path, list[str]]:
     """The newest valid checkpoint of a run directory, its path, and a line for each newer one skipped."""
     skipped = []
     for path in listed(run_dir):
@@ -94,18 +101,20 @@ def load_latest(run_dir: str | Path) -> tuple[dict[str, Any], Path, list[str]]:
 
 class RunCheckpoints:
     """A run directory's checkpoints: a replica's Snapshot and the driver's Position in one file,
-    and the run resumed from the newest valid one."""
+    and the run resumed from the newest valid one. `mirror` uploads the run directory's other files
+    (a remote run directory's, see storage.RunStorage), called after each checkpoint is recorded."""
 
-    def __init__(self, run_dir: Optional[str | Path], config: TrainConfig, say: Callable[[str], None]):
-        self.run_dir = Path(run_dir) if run_dir else None
-        self.config, self.say = config, say
-        self.last: Optional[Path] = None  # the newest checkpoint written or resumed from
+    def __init__(self, run_dir: Optional[str | Path], config: TrainConfig, say: Callable[[str], None],
+                 mirror: Callable[[], None] = lambda: None):
+        self.run_dir = (run_dir if is_url(run_dir) else Path(run_dir)) if run_dir else None
+        self.config, self.say, self.mirror = config, say, mirror
+        self.last: Optional[str | Path] = None  # the newest checkpoint written or resumed from
 
     @property
     def enabled(self) -> bool:
         return self.run_dir is not None
 
-    def save(self, snapshot: Snapshot, at: Position, first_step: int) -> Path:
+    def save(self, snapshot: Snapshot, at: Position, first_step: int) -> str | Path:
         """Write where the run stands: `snapshot` of the replicas' state and `at`, in the epoch that
         starts at global step `first_step`."""
         payload = {**snapshot.state(), **at.checkpoint(snapshot.steps - first_step), "config": self.config.to_dict()}
@@ -115,6 +124,7 @@ class RunCheckpoints:
     def resume(self, run_dir: str | Path) -> tuple[Snapshot, Position]:
         """The newest valid checkpoint of `run_dir`, as the replicas' state and the run's position;
         a CheckpointError where it was trained with other run-defining fields."""
+        check_url(run_dir, "resume_from")
         saved, self.last, skipped = load_latest(run_dir)
         for line in skipped:
             self.say(f"skipping a checkpoint: {line}")
@@ -134,8 +144,45 @@ class RunCheckpoints:
         return "no checkpoint written yet" if self.enabled else "no checkpoint written (set output_dir)"
 
 
-def _checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def _checksum_name(path: str) -> str:
+    return path + ".sha256"
+
+
+def _names(fs: Any, folder: str) -> list[str]:
+    """The checkpoint names in `folder`, newest first; none where it does not exist."""
+    fs.invalidate_cache(folder)  # an object store's listing may be cached: read it afresh
+    try:
+        paths = fs.ls(folder, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted((name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths) if NAME.match(name)),
+                  reverse=True)
+
+
+def _remove(fs: Any, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _publish(fs: Any, path: str, data: bytes, checksum: bytes) -> None:
+    """A checkpoint on a filesystem without an atomic rename (an object store): written to a temporary
+    name, read back and checked, moved to its name; then its checksum file, which marks it finished."""
+    folder, name = path.rsplit("/", 1)
+    temp = f"{folder}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    fs.pipe_file(temp, data)
+    try:
+        back = fs.cat_file(temp)
+        if hashlib.sha256(back).hexdigest() != checksum.decode().strip():
+            raise CheckpointError(f"{fs.unstrip_protocol(path)}: read back {len(back)} bytes that differ from the "
+                                  f"{len(data)} written; nothing published (the previous checkpoints stand)")
+    except BaseException:
+        _remove(fs, temp)
+        raise
+    _remove(fs, _checksum_name(path))  # a checkpoint of the same step written before: unfinished from now on
+    fs.mv(temp, path)
+    fs.pipe_file(_checksum_name(path), checksum)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

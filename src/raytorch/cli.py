@@ -25,8 +25,9 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML file of field: value pairs; flags override it")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest valid checkpoint (same flags as the "
-                             "interrupted run; workers may differ); output goes on into RUN_DIR")
+                        help="continue the run in RUN_DIR (a path, or a URL as --output-dir takes: s3://bucket/run) "
+                             "from its newest valid checkpoint (same flags as the interrupted run; workers may "
+                             "differ); output goes on into RUN_DIR")
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -34,6 +35,8 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
         help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default is not None else "")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "callbacks":  # --callback too, as Lightning and Ray Train users would type it
+            parser.add_argument(flag, "--callback", metavar="NAME,...", help=help_text)
         elif f.name == "workers":  # N, or MIN:MAX for an elastic run (see elastic_range)
             parser.add_argument(flag, metavar="N|MIN:MAX", help=help_text + "; MIN:MAX: elastic, see --max-workers")
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ class TrainConfig:
     """Seconds to wait for a busy cluster to make room for the replicas: default 60, or 600 where an autoscaler can add nodes. A request the cluster can never hold fails at once unless an autoscaler can add nodes."""
 
     output_dir: Optional[str] = None
-    """Run directory for the resolved config, metrics.jsonl, checkpoints and the final model.pt; nothing is written without it."""
+    """Run directory for the resolved config, metrics.jsonl, checkpoints and the final model.pt; nothing is written without it. A local path, or an fsspec URL: s3://bucket/path (pip install 'raytorch[s3]'; credentials and AWS_ENDPOINT_URL from the environment), gs://bucket/path (gcsfs), file:///abs/path. A remote run directory's files are staged in a local directory and uploaded at each checkpoint and at the end; its checkpoints are written to it directly."""
 
     log_every: int = 10
     """With output_dir: a per-step record (loss, samples/s) in metrics.jsonl every N steps, besides the per-epoch ones; 0: epoch records only."""
@@ -154,11 +155,17 @@ class TrainConfig:
     tensorboard: bool = False
     """With output_dir: also write TensorBoard event files to output_dir/tensorboard (needs the tensorboard package: pip install 'raytorch[tensorboard]')."""
 
+    callbacks: Optional[str] = None
+    """Callbacks that get the run's records, comma-separated: 'mlflow' (MLflow: MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), 'wandb' (Weights & Biases: WANDB_PROJECT, WANDB_MODE, ...), or your own as pkg.module:Class, a raytorch.Callback made with no arguments. The Python API also takes callbacks=[...] objects."""
+
     checkpoint_every: int = 0
     """With output_dir: also checkpoint every N steps (a checkpoint is always written at each epoch's end); 0: epoch ends only."""
 
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep in output_dir/checkpoints."""
+
+    profile_steps: Optional[str] = None
+    """With output_dir: profile global steps A:B (A included, B not, e.g. 5:10) on every replica: a torch.profiler trace per replica in output_dir/profile/replica-<rank>.json (Perfetto, chrome://tracing), and at the end a console line per replica with its mean ms per step of fetch, forward+backward, all-reduce wait and optimizer step (TrainResult.profile)."""
 
     spares: int = 0
     """Idle replicas started with the run, each reserving what a replica does, that take a lost replica's place at once: recovery without a new process's start (seconds here). A used spare is replaced in the background."""
@@ -187,6 +194,15 @@ class TrainConfig:
         _check_training(self)
         _check_devices(self)
         _check_outputs_and_recovery(self)
+        _check_profile(self)
+
+    @property
+    def profile_range(self) -> Optional[tuple[int, int]]:
+        """The profiled global steps [A, B) of profile_steps 'A:B', or None."""
+        if self.profile_steps is None:
+            return None
+        first, _, end = self.profile_steps.partition(":")
+        return int(first), int(end)
 
     @property
     def step_batch(self) -> int:
@@ -318,6 +334,23 @@ def _check_training(config: TrainConfig) -> None:
         raise ConfigError("max_steps", f"must be at least 1, got {config.max_steps}")
 
 
+def _check_profile(config: TrainConfig) -> None:
+    """profile_steps: 'A:B', whole global steps with A < B, and somewhere to write the traces."""
+    text = config.profile_steps
+    if text is None:
+        return
+    parts = text.split(":")
+    if len(parts) != 2 or not all(part.strip().isdecimal() for part in parts):
+        raise ConfigError("profile_steps", f"must be A:B, the global steps from A up to B (not included), "
+                                           f"e.g. 5:10; got {text!r}")
+    first, end = config.profile_range
+    if first >= end:
+        raise ConfigError("profile_steps", f"A must be less than B (steps A .. B-1 are profiled), e.g. "
+                                           f"{first}:{first + 5}; got {text!r}")
+    if not config.output_dir:
+        raise ConfigError("profile_steps", "traces go to output_dir/profile: set output_dir too")
+
+
 def _check_devices(config: TrainConfig) -> None:
     """Devices and what each replica reserves."""
     if config.devices is not None:
@@ -343,7 +376,10 @@ def _check_devices(config: TrainConfig) -> None:
 
 
 def _check_outputs_and_recovery(config: TrainConfig) -> None:
-    """Outputs, checkpoints, spares and timeouts; the named model and dataset."""
+    """Outputs, checkpoints, callbacks, spares and timeouts; the named model and dataset."""
+    for spec in callback_specs(config):
+        if spec not in ("mlflow", "wandb") and not re.fullmatch(r"[\w.]+:\w+", spec):
+            raise ConfigError("callbacks", f"{spec!r}: give 'mlflow', 'wandb' or pkg.module:Class, comma-separated")
     if config.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", f"must be >= 0 steps, got {config.checkpoint_every}")
     if config.checkpoint_every and not config.output_dir:
@@ -357,6 +393,10 @@ def _check_outputs_and_recovery(config: TrainConfig) -> None:
             import tensorboard  # noqa: F401
         except ImportError as e:
             raise ConfigError("tensorboard", "needs the tensorboard package: pip install 'raytorch[tensorboard]'") from e
+    if config.output_dir and "://" in config.output_dir:
+        from .storage import check_url  # here, not at the top: fsspec only for a URL
+
+        check_url(config.output_dir, "output_dir")
     if config.keep_checkpoints < 1:
         raise ConfigError("keep_checkpoints", f"must be at least 1, got {config.keep_checkpoints}")
     if config.spares < 0:
@@ -384,6 +424,11 @@ def _check_outputs_and_recovery(config: TrainConfig) -> None:
         if value is not None and value not in known and ":" not in value:
             raise ConfigError(name, f"unknown {name} {value!r}; choose one of {', '.join(sorted(known))}, "
                                      f"or give your own as pkg.module:factory")
+
+
+def callback_specs(config: TrainConfig) -> list[str]:
+    """The callbacks the config names, in order."""
+    return [spec.strip() for spec in (config.callbacks or "").split(",") if spec.strip()]
 
 
 def _check_types(config: TrainConfig) -> None:

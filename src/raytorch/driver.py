@@ -12,15 +12,16 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .batches import check_dataset
+from .callbacks import Callback, named_callback
 from .checkpoint import RunCheckpoints
 from .cluster import ray_session
-from .config import TrainConfig
+from .config import TrainConfig, callback_specs
 from .data import Stream, addressable
 from .device import resolve_device
 from .errors import ConfigError, ReplicaError
@@ -34,6 +35,7 @@ from .resolve import imported_fns
 from .result import TrainResult
 from .runplan import RunPlan
 from .signals import StopRequest
+from .storage import RunStorage
 
 __all__ = ["Trainer", "TrainResult"]
 
@@ -47,12 +49,15 @@ class Trainer:
     schedule_fn(optimizer, total_steps) -> scheduler (stepped once per optimizer step) replace
     config's optimizer, lr, weight_decay and lr_schedule, warmup_steps. Each runs in every replica.
     resume_from: a run directory whose newest valid checkpoint the run continues from.
+    callbacks: raytorch.Callback objects that get the run's records (callbacks.py), before those
+    config.callbacks names.
     """
 
     def __init__(self, config: TrainConfig, *, model_fn: Callable[[], nn.Module], dataset_fn: Callable,
                  loss_fn: Optional[Callable] = None, step_fn: Optional[Callable] = None,
                  optimizer_fn: Optional[Callable] = None, schedule_fn: Optional[Callable] = None,
-                 eval_dataset_fn: Optional[Callable] = None, quiet: bool = False, resume_from: Optional[str] = None):
+                 eval_dataset_fn: Optional[Callable] = None, quiet: bool = False, resume_from: Optional[str] = None,
+                 callbacks: Sequence[Callback] = ()):
         named = imported_fns(config)  # pkg.module:fn in config.step, optimizer, lr_schedule
         step_fn, optimizer_fn = step_fn or named["step_fn"], optimizer_fn or named["optimizer_fn"]
         schedule_fn = schedule_fn or named["schedule_fn"]
@@ -63,15 +68,33 @@ class Trainer:
         self.user_fns = {"step_fn": step_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn}
         self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
         self.quiet, self.resume_from = quiet, resume_from
+        # yours first, then those the config names (mlflow, wandb, pkg.module:Class): made here, so a
+        # missing package or a bad path fails before Ray starts
+        self.callbacks = (*callbacks, *(named_callback(spec) for spec in callback_specs(config)))
 
     def fit(self) -> TrainResult:
-        fit_started, config = time.perf_counter(), self.config
+        """Train; the callbacks' on_end gets the result, or None where the run stops on an error."""
+        config = self.config
         if (config.eval_every or config.early_stop_patience) and self.eval_dataset_fn is None:
             raise ConfigError("eval_every" if config.eval_every else "early_stop_patience",
                               "needs an eval set: give eval_dataset_fn (or a dataset with one)")
+        # a local run directory, or a URL whose files are staged in a local directory and uploaded
+        storage = RunStorage(config.output_dir or self.resume_from,
+                             "output_dir" if config.output_dir else "resume_from")
+        output = RunOutput(config, self.quiet, storage.local, self.callbacks)
+        try:
+            result = self._fit(output, storage)
+        except BaseException:
+            output.ended(None)
+            raise
+        output.ended(result)
+        return result
+
+    def _fit(self, output: RunOutput, storage: RunStorage) -> TrainResult:
+        fit_started, config = time.perf_counter(), self.config
+        storage.open(output.say)  # a URL: checked for writing, what it holds staged
         run_dir = config.output_dir or self.resume_from
-        output = RunOutput(config, self.quiet, run_dir)
-        checkpoints = RunCheckpoints(run_dir, config, output.say)
+        checkpoints = RunCheckpoints(run_dir, config, output.say, storage.mirror)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
         # a stream (IterableDataset) read by position, a ray.data.Dataset by block and row
         train_set = addressable(self.dataset_fn(), output.say)
@@ -119,7 +142,9 @@ class Trainer:
                         raise
             finally:
                 output.close()
+                storage.mirror()  # what the run wrote, also where it stops on an error or a signal
         output.model_trained(model)
+        storage.mirror(strict=True)
         return dataclasses.replace(result, resumed_from=resumed[0].steps if resumed else None)
 
 

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import Prefetcher, fetch
 from .device import autocast
 from .optim import make_optimizer, make_schedule
+from .profiling import StepProfiler
 from .sharding import steps_per_epoch
 from .snapshot import Snapshot
 from .syncbn import GlobalBatchNorm, convert
@@ -228,6 +229,7 @@ class Learner:
         self.prescaled = False
         self.computing_since: Optional[float] = None  # set while a forward and backward run
         self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
+        self.profiler = StepProfiler(config.profile_range, device)  # times each step's phases; traces profile_steps
 
     def reduce_on_device(self) -> None:
         """All-reduce on the device (NCCL): the "host" buffers become the flat gradient itself."""
@@ -240,6 +242,7 @@ class Learner:
         `share` of the batch), flat, into `into` (a host buffer of the wire's) or else `staging`. Returns
         the local mean loss and what of it or the gradient is not finite (None where both are)."""
         self.computing_since = time.monotonic()
+        self.profiler.from_step(step)
         # backward into fresh gradients, each gathered as soon as it is final (FlatGradient)
         out = self.staging if into is None else into
         on_device = self.staging is not self.flat_grad
@@ -253,20 +256,22 @@ class Learner:
             last = k == len(micros) - 1
             # the last micro-batch's backward gathers each gradient as it is final
             self.grads.gather_into(gathered if last else None)
-            batch = to_device((self.loader.get if self.loader else fetch)(self.train_set, micro, self.key(step)),
-                              self.device)
-            with autocast(self.device, self.precision):
-                loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
-            if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
-                self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
-            if self.scaler is None:
-                (loss * share if self.prescaled else loss).backward()
-            else:
-                # fp16: backward of this replica's part of the global mean loss, times the loss scale,
-                # so its fp16 gradients have the magnitudes one process's would (and overflow alike);
-                # the all-reduce is then a plain sum, unscaled by the scaler (see update)
-                (self.scaler.scale(loss) * share).backward()
-            value += loss.item()
+            with self.profiler.phase("fetch", step):
+                batch = to_device((self.loader.get if self.loader else fetch)(self.train_set, micro, self.key(step)),
+                                  self.device)
+            with self.profiler.phase("forward_backward", step):
+                with autocast(self.device, self.precision):
+                    loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
+                if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
+                    self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
+                if self.scaler is None:
+                    (loss * share if self.prescaled else loss).backward()
+                else:
+                    # fp16: backward of this replica's part of the global mean loss, times the loss scale,
+                    # so its fp16 gradients have the magnitudes one process's would (and overflow alike);
+                    # the all-reduce is then a plain sum, unscaled by the scaler (see update)
+                    (self.scaler.scale(loss) * share).backward()
+                value += loss.item()  # waits for the device: its time is the phase's
         self.grads.complete(gathered)
         what = self._nonfinite(value)
         self.compute_s = time.monotonic() - self.computing_since  # before any wait for peers
@@ -297,24 +302,26 @@ class Learner:
                 else None if self.scaler is not None or torch.isfinite(self.grads.checksum)
                 else "gradient with NaN or inf")
 
-    def update(self, finite: bool) -> None:
-        """Step with the all-reduced gradient in host_grad; with `finite` false (on_nonfinite
-        'skip'), drop the update. The schedule steps either way."""
-        if self.host_grad is not self.flat_grad:
-            self.flat_grad.copy_(self.host_grad, non_blocking=True)
-        self.grads.take_statistics()  # as one process's forward updated them, skipped step or not
-        if finite:  # the same test on the same numbers: every replica decides alike
-            self.grads.scatter()
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
-            if self.grad_clip is not None:  # on the reduced gradient: the same on every replica
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if self.scaler is None:
-                self.optimizer.step()
-            else:  # step unless the (same, everywhere) reduced gradient overflowed; adapt the scale
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-        self.schedule.step()
+    def update(self, finite: bool, step: int) -> None:
+        """Step with the all-reduced gradient of global step `step` in host_grad; with `finite`
+        false (on_nonfinite 'skip'), drop the update. The schedule steps either way."""
+        with self.profiler.phase("optimizer", step):
+            if self.host_grad is not self.flat_grad:
+                self.flat_grad.copy_(self.host_grad, non_blocking=True)
+            self.grads.take_statistics()  # as one process's forward updated them, skipped step or not
+            if finite:  # the same test on the same numbers: every replica decides alike
+                self.grads.scatter()
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)  # the true gradient, for clipping and the overflow check
+                if self.grad_clip is not None:  # on the reduced gradient: the same on every replica
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                if self.scaler is None:
+                    self.optimizer.step()
+                else:  # step unless the (same, everywhere) reduced gradient overflowed; adapt the scale
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+            self.schedule.step()
+        self.profiler.applied(step)
 
     def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
         """Mean loss over the eval samples at `indices`, in chunks of `chunk`, and, for a classifier
@@ -357,6 +364,7 @@ class Learner:
         torch.set_rng_state(snapshot.rng)
         if self.scaler is not None and snapshot.scaler:
             self.scaler.load_state_dict(snapshot.scaler)
+        self.profiler.from_step(snapshot.steps)  # the steps from there on run again
 
     def memory(self) -> dict[str, int]:
         """Bytes of the parameters, the flat gradient and the optimizer's state."""

@@ -18,6 +18,7 @@ from .group import ReplicaGroup
 from .output import RunOutput
 from .pipeline import StepPipeline
 from .position import Position
+from .profiling import write_profiles
 from .recovery import Recovery, RecoveryPolicy
 from .reduce import weighted_mean
 from .report import replica_name
@@ -46,8 +47,7 @@ class EpochLoop:
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
         self.epoch_times: list[float] = []
         self.epoch_started: Optional[float] = None
-        self.fit_started = fit_started
-        self.first_step_s = 0.0
+        self.fit_started, self.first_step_s = fit_started, 0.0
         self.pipeline.after_next_step(self._first_step)
         for record in group.losses:  # replicas lost while starting or restoring: replaced before any step
             at.restarts.append(record)
@@ -192,6 +192,7 @@ class EpochLoop:
                 self.recovery.recover(lost, self.at, self.plan.batches_of(self.at.epoch))
         path = self.checkpoints.save(snapshot, self.at, self.plan.first_step(self.at.epoch))
         self.output.checkpointed(snapshot.steps, path)
+        self.checkpoints.mirror()  # a remote run directory: its other files, the checkpoint's record in them
         return path
 
     def interrupt(self) -> None:
@@ -208,16 +209,17 @@ class EpochLoop:
         steps, samples = self.done() if at.stopped else (self.plan.total_steps,
                                                           self.plan.samples_through(self.plan.epochs - 1))
         # everything asked of the replicas first: a replica lost meanwhile is recovered and all asked again
-        digests, memory = group.call_all("digest"), group.call_all("memory")
+        digests, memory, profiles = group.call_all("digest"), group.call_all("memory"), group.call_all("profile")
         redone, state = max(p["redone"] for p in group.call_all("ping")), group.first("state")
         self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
                              digests)
+        profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)
         model.load_state_dict(state)
         return TrainResult(
             epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies, model=model,
             steps=steps, samples=samples, wall_time_s=wall_s, replica_digests=digests, epoch_times_s=self.epoch_times,
             time_to_first_step_s=self.first_step_s, replica_memory=memory, restarts=at.restarts,
-            skipped_steps=at.skipped, steps_redone=redone,
+            skipped_steps=at.skipped, steps_redone=redone, profile=profile,
             replica_samples={replica_name(rank): n for rank, n in sorted(pipeline.replica_samples.items())})
 
     def abandon(self) -> None:

@@ -84,6 +84,17 @@ def keep_freed_memory() -> None:
     libc.mallopt(trim_threshold, ctypes.c_int(2**31 - 1))
 
 
+def prepare_process(cpus_per_replica: float) -> int:
+    """Set this process up for a replica (PyTorch's optimizer modules loaded, freed memory kept,
+    torch's threads); returns its memory then (PSS): the baseline before any model."""
+    import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
+
+    keep_freed_memory()
+    baseline = proportional_set_size()  # this process with PyTorch loaded, before any model
+    torch.set_num_threads(torch_threads(cpus_per_replica))
+    return baseline
+
+
 def _reported(method):
     """Re-raise a failure inside a replica as a ReplicaError naming the replica and its step."""
 
@@ -111,11 +122,7 @@ class Replica:
                  run_name: str = "", **user_fns: Optional[Callable]):
         """user_fns: step_fn, optimizer_fn, schedule_fn where given (see Learner)."""
         self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
-        import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
-
-        keep_freed_memory()
-        self.baseline_pss = proportional_set_size()  # this process with PyTorch loaded, before any model
-        torch.set_num_threads(torch_threads(config.cpus_per_replica))
+        self.baseline_pss = prepare_process(config.cpus_per_replica)  # this process before any model
         self.steps = 0  # updates applied: the gradient computed next belongs to this global step
         self.computed, self.redone = -1, 0  # the latest step it computed a gradient of; those computed again
         self.on_nonfinite = config.on_nonfinite
@@ -195,20 +202,19 @@ class Replica:
 
     def _apply(self, reduce, grads) -> float:
         """Sum the routed gradients, step; returns the seconds the all-reduce took (waits included)."""
-        started = time.perf_counter()
         weights, routes = reduce
         items = [grads[route] if isinstance(route, int) else route for route in routes]
         # fp16 gradients, and any on the collective wire, arrive weighted by their share already
         # (see Learner.gradient): sum them
         summed = [1.0] * len(weights) if self.scaler is not None or self.learner.prescaled else weights
-        loss = self.wire.all_reduce(items, summed, weights, out=self.learner.host_grad)
-        reduced = time.perf_counter() - started
+        with self.learner.profiler.phase("allreduce", self.steps) as reduced:
+            loss = self.wire.all_reduce(items, summed, weights, out=self.learner.host_grad)
         self.wire.applied(self.steps)
         self.loss_log.append((self.steps, loss))
         # a non-finite loss (on_nonfinite 'skip'; 'stop' raised in _compute): drop the update
-        self.learner.update(finite=math.isfinite(loss))
+        self.learner.update(finite=math.isfinite(loss), step=self.steps)
         self.steps += 1
-        return reduced
+        return reduced.seconds
 
     def share_memory(self, prefix: str, position: int, world: int) -> list[str]:
         """Switch to (fresh) shared-memory wire buffers at `position` among `world` replicas (all on
@@ -289,6 +295,10 @@ class Replica:
         self.steps = snapshot.steps
         self.loss_log.clear()
         return self.steps
+
+    def profile(self) -> dict:
+        """Its rank, the profiled steps' seconds per phase and their trace (profile_steps; StepProfiler.report)."""
+        return {"rank": self.rank, **self.learner.profiler.report()}
 
     def memory(self) -> dict[str, int]:
         """Bytes this replica holds: its buffers by size, and its measured memory above the baseline."""

@@ -13,6 +13,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .callbacks import Callback
 from .config import TrainConfig
 
 
@@ -106,13 +107,15 @@ class Progress:
             self.bar = None
 
 
-class RunDir:
+class RunDir(Callback):
     """The run directory: the resolved config (config.yaml); metrics.jsonl, one JSON object per
-    line, its "event" saying what ('step', 'epoch', 'checkpoint', 'replica_lost', 'step_skipped');
-    the same steps and epochs as TensorBoard scalars (optional); loss.png at the end."""
+    line, its "event" saying what ('step' every log_every steps and the first, 'epoch', 'eval',
+    'checkpoint', 'replica_lost', 'step_skipped', ...: callbacks.py); the same steps and epochs as
+    TensorBoard scalars (optional); loss.png at the end."""
 
-    def __init__(self, path: str | Path, tensorboard: bool = False):
+    def __init__(self, path: str | Path, tensorboard: bool = False, log_every: int = 0):
         self.path = Path(path)
+        self.log_every = log_every
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics = self.path / "metrics.jsonl"
         self.writer = None
@@ -124,7 +127,14 @@ class RunDir:
     def write_config(self, config: TrainConfig) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-    def log(self, record: dict) -> None:
+    def on_steps(self, records: list[dict]) -> None:
+        """Every log_every-th step, and the first: where the curve starts."""
+        every = self.log_every
+        for record in records:
+            if every and (record["step"] % every == 0 or record["step"] == 1):
+                self.on_record(record)
+
+    def on_record(self, record: dict) -> None:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

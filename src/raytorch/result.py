@@ -43,6 +43,10 @@ class TrainResult:
     steps_redone: int = 0
     """Steps whose gradient a replica computed again after a loss (the interrupted step, whose
     gradient was computed but not applied), counted by the replicas: 0 without losses."""
+    profile: dict[str, dict] = field(default_factory=dict)
+    """With profile_steps, per replica (replica-<rank>): the profiled steps it ran ("steps"), its mean
+    milliseconds per step of each phase ("ms": fetch, forward_backward, allreduce, optimizer), and
+    its trace's path ("trace"; None where no profiled step ran on it)."""
 
     @property
     def eval_loss(self) -> Optional[float]:

@@ -5,10 +5,13 @@ them (docs/grafana/raytorch.json). Tagged by run; the all-reduce time also by re
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional
 
 from ray.util import metrics
+
+from .callbacks import Callback
 
 # Ray drops a gauge ~2 export intervals (20 s by default) after its last set(): set them again
 # while the run lives, so a slow epoch does not blank the dashboard.
@@ -16,11 +19,12 @@ REFRESH_S = 5.0
 STEP_BOUNDARIES = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 
 
-class RunMetrics:
-    """The driver's metrics of one run."""
+class RunMetrics(Callback):
+    """The driver's metrics of one run, set from its records."""
 
-    def __init__(self, run: str):
+    def __init__(self, run: str, shares: bool = False):
         self.tags = {"run": run}
+        self.shares = shares  # per-replica share gauges: an adaptive split (an even one says nothing per replica)
         keys = ("run",)
         self.gauges = {
             name: metrics.Gauge(f"raytorch_{name}", description, tag_keys=keys)
@@ -47,6 +51,40 @@ class RunMetrics:
         self.stopped = threading.Event()
         self.refresher = threading.Thread(target=self._refresh, name="raytorch-metrics", daemon=True)
         self.refresher.start()
+
+    # -- the records ---------------------------------------------------------------------------------
+
+    def on_start(self, run: dict) -> None:
+        self.set(workers=len(run["replicas"]))
+
+    def on_steps(self, records: list[dict]) -> None:
+        """One gathering's steps: counters and the step-time histogram once, the gauges from the last."""
+        last = records[-1]
+        self.stepped(len(records), sum(r["samples"] for r in records), last["seconds_per_step"])
+        self.set(step=last["step"], epoch=last["epoch"], samples_per_second=last["samples_per_s"],
+                 train_loss=last["running_loss"])
+        if self.shares:
+            total = max(1, sum(last["split"]))
+            self.split({name: n / total for name, n in zip(last["replicas"], last["split"])})
+
+    def on_epoch(self, record: dict) -> None:
+        loss = record["loss"]
+        self.set(train_loss=None if math.isnan(loss) else loss, eval_loss=record["eval_loss"],
+                 eval_accuracy=record["eval_accuracy"])
+
+    def on_replica_lost(self, record: dict) -> None:
+        self.restarted(len(record["replicas"]))
+        self.set(workers=record["workers"])
+
+    def on_record(self, record: dict) -> None:
+        if record["event"] == "replica_joined":
+            self.set(workers=record["workers"])
+        super().on_record(record)
+
+    def on_end(self, result) -> None:
+        self.close()
+
+    # -- the gauges ----------------------------------------------------------------------------------
 
     def set(self, **values: Optional[float]) -> None:
         """Set gauges by short name (train_loss=..., epoch=...); None leaves one as it is."""
