@@ -183,7 +183,7 @@ def test_a_callback_sees_the_run_as_it_goes(tracked_run):
     assert [r["step"] for r in recorder.of("eval")] == [4, 8]
     assert len(recorder.of("checkpoint")) == 2
     assert recorder.calls[-1] == ("end", result)
-    # the callback that raised was left out; the run's own file still has every record it should
+    # the callback that raised was left out, said on stderr; the run's own file still has every record it should
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 4, 6, 8, 10, 12]
 

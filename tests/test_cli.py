@@ -38,6 +38,15 @@ def test_default_job_reproduces_the_seed_note():
     assert re.search(r"^Run raytorch-[\w-]+: Ray at 127\.0\.0\.1:\d+", proc.stdout, re.M)
     assert re.search(r"^Done: 1000 steps on 2 replicas in [\d.]+ s \([\d,]+ samples/s\); last epoch loss [\d.]+, "
                      r"eval loss [\d.]+$", proc.stdout, re.M)
+    # progress went to the first replica's actor log (the dashboard's Actors page), not twice to the console
+    assert "[raytorch progress]" not in proc.stdout + proc.stderr
+    logs = Path("/tmp/ray/session_latest/logs")
+    marked = [line for path in logs.glob("worker-*.out") for line in path.read_text(errors="replace").splitlines()
+              if line.startswith("[raytorch progress] epoch")]
+    assert sum(" done," in line for line in marked) == 10, marked  # one at each epoch's end
+    # two equal replicas read near even (a move must save a meaningful time per step, issue 19)
+    split = re.search(r"^split of the samples: replica-0 ([\d.]+)% .*replica-1 ([\d.]+)% ", proc.stdout, re.M)
+    assert split and 40 <= float(split.group(1)) <= 60, proc.stdout
 
 
 @pytest.mark.parametrize("args,field", [

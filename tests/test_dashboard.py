@@ -114,8 +114,9 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
 
 
 def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the driver script: the job
-    succeeds, carries its name, and its log shows the epochs."""
+    """`ray start --head` on 127.0.0.1, then `raytorch train --submit` (Ray's Job Submission SDK, the
+    repository as working directory): the job succeeds and carries its name, the console follows its
+    log with the epochs, and a job that fails on the cluster gives a failing exit code."""
     temp_dir = tempfile.mkdtemp(prefix="rt-job-", dir="/tmp")  # marks the cluster's processes; short for sockets
     # every port of its own: the session's Ray holds the defaults (dashboard agent, client server)
     ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
@@ -129,25 +130,29 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
          "--num-cpus", "2", "--include-dashboard", "true", *(f"--{flag}={port}" for flag, port in ports.items())],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
+
+    def submit(*flags):
+        return subprocess.run([sys.executable, "-m", "raytorch.cli", "train", "--submit", "--address", address,
+                               *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
     try:
         wait_for(lambda: get_json(f"{address}/api/version", token(), deadline_s=WAIT_S)[0] == 200,
                  "the head's dashboard")
-        name = f"submitted-{os.getpid()}"
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--metadata-json", json.dumps({"job_name": name}), "--",
-             "python", "scripts/train.py", "--epochs", "2", "--batch-size", "500"],
-            env=env, capture_output=True, text=True, timeout=300)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        job_id = re.search(r"Job '(\S+)' submitted successfully", submit.stdout).group(1)
-        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id], env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert re.search(r"^Epoch 0: loss=", logs.stdout, re.M), logs
-        assert re.search(r"^Epoch 1: loss=", logs.stdout, re.M), logs
-        assert f"Ray at 127.0.0.1:{ports['port']}" in logs.stdout  # joined the head, on loopback
+        done = submit("--epochs", "2", "--batch-size", "500")
+        assert done.returncode == 0, done.stdout + done.stderr
+        job_id = re.search(r"^Job (\S+) submitted to http://127\.0\.0\.1:\d+ \(dashboard: ", done.stdout, re.M).group(1)
+        assert re.search(r"^Epoch 0: loss=", done.stdout, re.M), done.stdout  # the job's log, followed
+        assert re.search(r"^Epoch 1: loss=", done.stdout, re.M), done.stdout
+        assert f"Ray at 127.0.0.1:{ports['port']}" in done.stdout  # the job joined the head, on loopback
         status, jobs = get_json(f"{address}/api/jobs/", token())
         [job] = [j for j in jobs if j.get("submission_id") == job_id]
-        assert job["status"] == "SUCCEEDED" and job["metadata"]["job_name"] == name
+        assert job["status"] == "SUCCEEDED" and job["metadata"]["job_name"].startswith("raytorch-")
+        assert "--submit" not in job["entrypoint"] and "--address" not in job["entrypoint"]
+        # a job that fails there: the exit code says so (8 replicas cannot fit on 2 CPUs)
+        failed = submit("--workers", "8", "--resource-timeout", "1")
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert "8 replicas of 1 CPU each cannot fit" in failed.stdout + failed.stderr
+        assert re.search(r"raytorch: job \S+ failed", failed.stderr), failed.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
         head.wait(timeout=60)

@@ -107,6 +107,37 @@ def test_noise_moves_no_cut_point():
     assert speeds.step_time(speeds.balanced(200)) < speeds.step_time([100, 100])
 
 
+def test_a_move_must_save_meaningful_time_per_step_not_only_a_fraction():
+    """Short steps: replicas 40% apart per sample, but an even split costs ~10 microseconds a step
+    more than the balanced one: the cut stays even. The same ratio on 10 ms steps moves it."""
+    short = SpeedEstimate(2, warmup=0)
+    short.observe(0, 50, 50 * 0.5e-6, 0.00002)
+    short.observe(1, 50, 50 * 0.7e-6, 0.00002)  # e.g. the replica that shares a core with the driver
+    assert short.step_time([50, 50]) - short.step_time(short.balanced(100)) < 0.001
+    assert short.shares(100) is None
+    assert short.shares(100, min_saving_s=0) is not None  # by the relative rule alone it would move
+    long = SpeedEstimate(2, warmup=0)
+    long.observe(0, 50, 50 * 0.5e-3, 0.002)
+    long.observe(1, 50, 50 * 0.7e-3, 0.002)
+    moved = long.shares(100)
+    assert moved is not None and moved[0] > moved[1]
+
+
+def test_a_split_far_from_even_names_the_slower_replica_and_by_how_much():
+    speeds = SpeedEstimate(3, warmup=0)
+    for rank, per_sample in enumerate([1e-3, 3e-3, 1e-3]):
+        speeds.observe(rank, 40, 40 * per_sample, 0.001)
+    assert speeds.uneven([40, 38, 42]) is None  # near even: nothing to explain
+    small, large, slower = speeds.uneven([50, 15, 55])
+    assert (small, large) == (1, 2) and slower == pytest.approx(3.0)
+    from raytorch.report import uneven_line
+
+    assert uneven_line("replica-1", "replica-2", slower) == (
+        "split far from even: replica-1 measured 3.0x the time per sample of replica-2, so it takes fewer samples "
+        "and neither waits for the other (a replica that shares its core with the driver or other work measures "
+        "slower; --split even cuts evenly)")
+
+
 def test_uneven_cuts_train_what_even_cuts_train():
     """In-process replicas following plans cut 1:3 and 2:1 end where plain PyTorch does."""
     data = classification_data(96, 1)

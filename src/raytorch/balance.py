@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+# A move of the cut points must save at least this much per step, besides `tolerance` of it: two
+# equal replicas measure a few percent apart (one shares a core with the driver), and on a short
+# step that is a fraction of a millisecond, not worth an uneven split that reads as a fault.
+MIN_SAVING_S = 0.001
+# A split whose largest part is this many times the even part (or smallest 1/this) is explained.
+FAR_FROM_EVEN = 1.25
+
 
 class SpeedEstimate:
     """Each replica's step time as a line, fixed + per_sample * samples, from the steps it ran.
@@ -41,19 +48,34 @@ class SpeedEstimate:
         return value if old is None else (1 - self.alpha) * old + self.alpha * value
 
     def shares(self, samples: int, current: Optional[Sequence[float]] = None, tolerance: float = 0.05,
-               floor: float = 0.05) -> Optional[list[float]]:
+               floor: float = 0.05, min_saving_s: float = MIN_SAVING_S) -> Optional[list[float]]:
         """The split for a batch of `samples`: the balanced one (see balanced), unless the `current`
         split (parts in any proportion; None: even) is predicted to take at most `tolerance` longer
-        per step: then the current one, so that measurement noise moves no cut point while a
-        replica that really slows down does. None (even) until a replica is measured."""
+        per step, or less than `min_saving_s` seconds longer: then the current one, so that
+        measurement noise moves no cut point while a replica that really slows down does. None
+        (even) until a replica is measured."""
         balanced = self.balanced(samples, floor)
         if balanced is None:
             return None
         kept = [samples / len(balanced)] * len(balanced) if current is None else [
             samples * part / sum(current) for part in current]
-        if self.step_time(kept) <= (1 + tolerance) * self.step_time(balanced):
+        saving = self.step_time(kept) - self.step_time(balanced)
+        if saving <= tolerance * self.step_time(balanced) or saving < min_saving_s:
             return None if current is None else list(current)
         return balanced
+
+    def uneven(self, parts: Sequence[float], far: float = FAR_FROM_EVEN) -> Optional[tuple[int, int, float]]:
+        """Where `parts` (a split, by position) is far from even: the replica with the smallest part,
+        the one with the largest, and how many times longer the first takes per sample; None where
+        the split is near even or nothing is measured."""
+        if len(parts) < 2 or all(v is None for v in self.per_sample) or not sum(parts):
+            return None
+        mean = sum(parts) / len(parts)
+        if max(parts) <= far * mean and min(parts) >= mean / far:
+            return None
+        _, b = self._lines()
+        small, large = parts.index(min(parts)), parts.index(max(parts))
+        return small, large, b[small] / b[large]
 
     def step_time(self, parts: Sequence[float]) -> float:
         """The predicted seconds of a step split into `parts`: the last replica to finish."""

@@ -49,12 +49,12 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> 
     if is_local(fs):
         Path(folder).mkdir(parents=True, exist_ok=True)
         _write_atomically(Path(folder) / name, data)
-        _write_atomically(Path(folder) / _checksum_name(name), checksum)
+        _write_atomically(Path(folder) / checksum_name(name), checksum)
         _sync_directory(Path(folder))
     else:
         _publish(fs, f"{folder}/{name}", data, checksum)
     for old in _names(fs, folder)[keep:]:
-        _remove(fs, f"{folder}/{_checksum_name(old)}")  # first: the pair reads as unfinished from now on
+        _remove(fs, f"{folder}/{checksum_name(old)}")  # first: the pair reads as unfinished from now on
         _remove(fs, f"{folder}/{old}")
     return join(run_dir, "checkpoints", name)
 
@@ -68,7 +68,7 @@ def load(path: str | Path) -> dict[str, Any]:
     """Read one checkpoint, verifying its checksum and format; CheckpointError says what is wrong."""
     fs, where = filesystem(path)
     try:
-        expected = fs.cat_file(_checksum_name(where)).decode(errors="replace").strip()
+        expected = fs.cat_file(checksum_name(where)).decode(errors="replace").strip()
     except OSError as e:
         raise CheckpointError(f"{path}: no checksum file beside it (an unfinished write)") from e
     try:
@@ -144,7 +144,7 @@ class RunCheckpoints:
         return "no checkpoint written yet" if self.enabled else "no checkpoint written (set output_dir)"
 
 
-def _checksum_name(path: str) -> str:
+def checksum_name(path: str) -> str:
     return path + ".sha256"
 
 
@@ -180,9 +180,9 @@ def _publish(fs: Any, path: str, data: bytes, checksum: bytes) -> None:
     except BaseException:
         _remove(fs, temp)
         raise
-    _remove(fs, _checksum_name(path))  # a checkpoint of the same step written before: unfinished from now on
+    _remove(fs, checksum_name(path))  # a checkpoint of the same step written before: unfinished from now on
     fs.mv(temp, path)
-    fs.pipe_file(_checksum_name(path), checksum)
+    fs.pipe_file(checksum_name(path), checksum)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import shlex
 import signal
 import sys
+import time
 import typing
 from typing import Optional, Sequence
 
@@ -28,6 +29,11 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
                         help="continue the run in RUN_DIR (a path, or a URL as --output-dir takes: s3://bucket/run) "
                              "from its newest valid checkpoint (same flags as the interrupted run; workers may "
                              "differ); output goes on into RUN_DIR")
+    parser.add_argument("--submit", action="store_true",
+                        help="run as a Ray job on the cluster at --address (the dashboard's Jobs page then holds its "
+                             "log): the current directory goes along as its working directory; the console follows "
+                             "its log, and the exit code is the job's")
+    parser.add_argument("--detach", action="store_true", help="with --submit: return once the job is submitted")
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -49,7 +55,8 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     """The run's config, and the options that are not part of it (quiet, resume)."""
     args = vars(build_parser().parse_args(argv))
-    options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None)}
+    options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None),
+               "submit": args.pop("submit", False), "detach": args.pop("detach", False)}
     path = args.pop("config", None)
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
@@ -98,6 +105,13 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 def train(argv: Sequence[str]) -> int:
     try:
         config, options = parse_args(argv)
+        submitting, detach = options.pop("submit"), options.pop("detach")
+        if detach and not submitting:
+            raise ConfigError("detach", "only with --submit")
+        if submitting:  # checked here, run there
+            from .submit import submit
+
+            return submit(argv, config.address, detach, f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}")
         from .resolve import training
 
         what = training(config)  # your model, data and loss imported here: a bad path fails before Ray starts
@@ -139,7 +153,36 @@ def show_config(argv: Sequence[str]) -> int:
 
 
 USAGE = ("usage: raytorch train [flags]        train (raytorch train --help lists the flags)\n"
+         "       raytorch tune --config FILE   a Ray Tune search, one raytorch run per trial (examples/search.yaml)\n"
          "       raytorch config show [flags]  print the config those flags resolve to, as YAML")
+
+
+def tune(argv: Sequence[str]) -> int:
+    """`raytorch tune --config search.yaml [--address ADDR]`: prints the best trial's config,
+    figures and checkpoint."""
+    parser = argparse.ArgumentParser(prog="raytorch tune", description="A Ray Tune search: each trial one raytorch "
+                                     "run, its replicas in the trial's resources.")
+    parser.add_argument("--config", metavar="FILE", required=True, help="search YAML (see examples/search.yaml)")
+    parser.add_argument("--address", help="Ray cluster to join; default RAY_ADDRESS, else a local Ray on 127.0.0.1")
+    args = parser.parse_args(argv)
+    try:
+        from .tune import run_search
+
+        results = run_search(args.config, args.address)
+        best = results.get_best_result()
+    except ConfigError as e:
+        print(f"raytorch: error: {e}", file=sys.stderr)
+        return 2
+    except RaytorchError as e:
+        print(f"raytorch: error: {e}", file=sys.stderr)
+        return 1
+    if best.error is not None and best.metrics is None:
+        print(f"raytorch: error: no trial finished: {best.error}", file=sys.stderr)
+        return 1
+    figures = ", ".join(f"{k} {v:.6g}" for k, v in best.metrics.items()
+                        if k in ("train_loss", "eval_loss", "eval_accuracy", "epoch"))
+    print(f"best trial: {best.config}\n  {figures}\n  checkpoint {best.checkpoint.path if best.checkpoint else None}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -149,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else 2
     if argv[0] == "train":
         return train(argv[1:])
+    if argv[0] == "tune":
+        return tune(argv[1:])
     if argv[:2] == ["config", "show"]:
         return show_config(argv[2:])
     print(f"raytorch: error: unknown command {' '.join(argv[:2])!r}\n{USAGE}", file=sys.stderr)

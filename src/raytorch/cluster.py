@@ -28,6 +28,8 @@ class Session:
     started_here: bool
     resources: dict[str, float]
     """What the cluster has in all (Ray's cluster_resources()): CPU, GPU, ..."""
+    is_driver: bool = True
+    """This process is a Ray driver (a script, a job), not a Ray worker (a Tune trial's actor)."""
 
 
 def keep_on_loopback() -> None:
@@ -132,7 +134,7 @@ def _describe(started_here: bool) -> Session:
     context = ray.get_runtime_context()
     url = ray._private.worker.get_dashboard_url()
     return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here,
-                   resources=ray.cluster_resources())
+                   resources=ray.cluster_resources(), is_driver=context.worker.mode == ray.SCRIPT_MODE)
 
 
 def loopback_cluster(nodes: int, cpus_per_node: float):

@@ -30,6 +30,7 @@ from .learner import running_statistics
 from .loop import EpochLoop
 from .output import RunOutput
 from .position import Position
+from .progress import ProgressLog, quiet_marked_lines
 from .report import is_scalar_linear
 from .resolve import imported_fns
 from .result import TrainResult
@@ -127,6 +128,11 @@ class Trainer:
                                    total_steps=plan.total_steps,
                                    **{name: fn for name, fn in self.user_fns.items() if fn is not None}) as group:
                     output.replicas_started(config, group.described(), group.wire_reason)
+                    # progress in the first replica's actor log too: the dashboard shows it however this
+                    # runs (a driver that is itself a Ray worker, a Tune trial's, reports where it runs)
+                    if session.is_driver:
+                        output.callbacks.add(ProgressLog(group.log_progress, plan.total_steps))
+                        quiet_marked_lines()
                     at = Position()
                     if resumed is not None:
                         snapshot, at = resumed

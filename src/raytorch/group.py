@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from .config import TrainConfig
 from .device import replica_env, replica_resources, whole_gpus
 from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
-from .placement import reserve_what_fits
+from .placement import reserve_replicas
 from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
 from .report import replica_name, stuck_in
@@ -246,6 +246,7 @@ class ReplicaCalls:
         self.config = config
         self.members: list[Member] = []
         self.hung_stacks: dict[str, Optional[str]] = {}  # py-spy dumps of replicas killed as hung, by name
+        self.progress_sent: Optional[ray.ObjectRef] = None  # the last progress line's call (log_progress)
 
     @property
     def ranks(self) -> list[int]:
@@ -276,6 +277,14 @@ class ReplicaCalls:
     def call_each(self, method: str, args: Sequence[tuple]) -> list:
         """Replica p's answer to `method(*args[p])`, in wire order."""
         return self.get([getattr(m.actor, method).remote(*a) for m, a in zip(self.members, args)])
+
+    def log_progress(self, line: str) -> None:
+        """A progress line into the first replica's actor log (its health thread; not waited for:
+        the previous line's call is taken here, its error too, where that replica has died)."""
+        if self.progress_sent is not None and ray.wait([self.progress_sent], timeout=0)[0]:
+            with contextlib.suppress(Exception):
+                ray.get(self.progress_sent)
+        self.progress_sent = self.members[0].actor.ping.remote(line)
 
     def first(self, method: str, *args):
         """The first replica's answer to `method(*args)` (its state stands for all: they are equal)."""
@@ -328,8 +337,9 @@ class ReplicaGroup(ReplicaCalls):
         self.actor_class = ray.remote(concurrency_groups={"health": 1})(Replica)
         bundles = [replica_resources(config, rank) for rank in range(config.workers + config.spares)]
         # elastic (max_workers): as many as fit now, at least workers; room that comes later: growth
-        self.placement, self.workers = reserve_what_fits(bundles, config.workers, config.max_workers or config.workers,
-                                                         config.placement, config.resource_timeout)
+        self.reservation = reserve_replicas(bundles, config.workers, config.max_workers or config.workers,
+                                            config.placement, config.resource_timeout)
+        self.placement, self.workers = self.reservation.group, self.reservation.workers
         self.growth = (Growth(self._create, bundles[0], config.max_workers, self.workers + config.spares)
                        if config.max_workers else None)
         self.spares = Spares(self._create)
@@ -343,10 +353,11 @@ class ReplicaGroup(ReplicaCalls):
         each is built; returns what each reported. Spares start beside them, used once built. A
         replica that dies while starting is replaced (until_settled)."""
         workers = self.workers
-        self.members = [Member(self._create(rank, (self.placement, rank), replica_name(rank)), rank,
-                               (self.placement, rank), {}) for rank in range(workers)]
+        first = self.reservation.first  # 0, or 1 in a Tune trial's placement group (bundle 0: its driver)
+        self.members = [Member(self._create(rank, (self.placement, first + rank), replica_name(rank)), rank,
+                               (self.placement, first + rank), {}) for rank in range(workers)]
         for index in range(workers, workers + self.config.spares):
-            self.spares.add((self.placement, index), self.generation)
+            self.spares.add((self.placement, first + index), self.generation)
         self.losses += until_settled(self._settle, self, RecoveryPolicy(self.config.min_workers), "starting")
         return self.described()
 
@@ -466,7 +477,8 @@ class ReplicaGroup(ReplicaCalls):
         for path in SHM_DIR.glob(f"{self.run_name}-g*"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        remove_placement_group(self.placement)
+        if self.reservation.owned:  # not a Tune trial's: Tune removes its own
+            remove_placement_group(self.placement)
 
 
 @contextmanager

@@ -212,7 +212,7 @@ class EpochLoop:
         digests, memory, profiles = group.call_all("digest"), group.call_all("memory"), group.call_all("profile")
         redone, state = max(p["redone"] for p in group.call_all("ping")), group.first("state")
         self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
-                             digests)
+                             digests, pipeline.uneven_split())
         profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)
         model.load_state_dict(state)
         return TrainResult(

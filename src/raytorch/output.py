@@ -10,6 +10,7 @@ their own).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import NamedTuple, Optional
 
@@ -20,7 +21,7 @@ from torch import nn
 from .callbacks import Callback, Callbacks
 from .config import TrainConfig
 from .position import Position
-from .report import Progress, RunDir, epoch_line, final_line, replica_name, restarts_line, summary_line
+from .report import Progress, RunDir, epoch_line, final_line, replica_name, restarts_line, summary_line, uneven_line
 from .telemetry import RunMetrics
 
 
@@ -43,6 +44,10 @@ class StepsDone(NamedTuple):
     running_loss: Optional[float]
     split_shown: bool
     """Per-replica share gauges (an adaptive split); an even one says nothing per replica."""
+
+
+def warn(line: str) -> None:
+    print(f"raytorch: warning: {line}", file=sys.stderr, flush=True)
 
 
 class Console(Callback):
@@ -84,7 +89,7 @@ class RunOutput:
                  callbacks: tuple[Callback, ...] = ()):
         self.config, self.quiet, self.run_dir_path = config, quiet, run_dir
         self.run_dir: Optional[RunDir] = None  # made once the replicas are up (replicas_started)
-        self.callbacks = Callbacks(self.say, (Console(self.say), *callbacks))
+        self.callbacks = Callbacks(warn, (Console(self.say), *callbacks))  # a failing one is said even with quiet
         self.progress = Progress(enabled=not quiet)
         self.metrics: Optional[RunMetrics] = None  # once Ray is up (started)
         self.run_name = ""
@@ -238,8 +243,10 @@ class RunOutput:
     # -- the end -------------------------------------------------------------------------------------
 
     def finished(self, at: Position, steps: int, samples: int, wall_s: float, workers: int,
-                 replica_samples: dict[int, int], last_split: dict[int, int], digests: list[str]) -> None:
-        """The closing lines: final loss, summary, restarts, the split (adaptive), a divergence warning."""
+                 replica_samples: dict[int, int], last_split: dict[int, int], digests: list[str],
+                 uneven: Optional[tuple[str, str, float]] = None) -> None:
+        """The closing lines: final loss, summary, restarts, the split (adaptive) and why it is far
+        from even where it is, a divergence warning."""
         if self.pending_loss is not None:  # lost after the last step: recovered, with no step to redo
             self.record(dict(self.pending_loss))
             self.pending_loss = None
@@ -255,6 +262,8 @@ class RunOutput:
                       + (" in the last step)" if i == 0 else ")")
                       for i, (rank, n) in enumerate(sorted(replica_samples.items()))]
             self.say("split of the samples: " + ", ".join(shares))
+        if uneven is not None:
+            self.say(uneven_line(*uneven))
         if len(set(digests)) != 1:
             self.say(f"WARNING: replicas hold different parameters at the end (digests {digests})")
 

@@ -18,6 +18,7 @@ from .output import RunOutput, StepsDone
 from .plan import Reduce, plan_steps, steps_per_call
 from .position import Position
 from .reduce import weighted_mean
+from .report import replica_name
 from .runplan import RunPlan
 
 # Calls the driver submits ahead of the losses it has gathered.
@@ -144,6 +145,15 @@ class StepPipeline:
         self.last_collect = now
         self.last_split = dict(zip(ranks, call.sizes[-1]))
         self.step_time = (now - started) / max(1, len(at.losses) - index)
+
+    def uneven_split(self) -> Optional[tuple[str, str, float]]:
+        """The last step's split where it is far from even: the replica with the smallest part, the
+        one with the largest, and how many times slower per sample the first measured."""
+        if self.config.split != "adaptive":
+            return None
+        ranks = self.group.ranks
+        found = self.speeds.uneven([self.last_split.get(rank, 0) for rank in ranks])
+        return None if found is None else (replica_name(ranks[found[0]]), replica_name(ranks[found[1]]), found[2])
 
     def drain(self, timeout: Optional[float] = None) -> None:
         """Give up the calls in flight (a replica was lost: they fail at once, or finish), taking

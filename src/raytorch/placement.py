@@ -5,9 +5,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 
 from .errors import ClusterError
 
@@ -105,3 +111,36 @@ def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float | N
                 f"{describe_cluster(nodes)}, partly in use; free resources, lower --workers, "
                 f"or raise --resource-timeout")
     return group
+
+
+class Reservation(NamedTuple):
+    """Where the replicas go: a placement group, the index of replica 0's bundle in it, how many
+    replicas it holds, and whether it was made here (and is removed at the end)."""
+
+    group: PlacementGroup
+    first: int
+    workers: int
+    owned: bool
+
+
+def reserve_replicas(bundles: list[dict[str, float]], least: int, most: int, strategy: str,
+                     timeout_s: float | None) -> Reservation:
+    """The replicas' bundles: in the placement group this driver runs in where it runs in one (a Ray
+    Tune trial's: its last bundles are the replicas', see raytorch.tune), else a new one
+    (reserve_what_fits)."""
+    current = get_current_placement_group()
+    if current is None:
+        group, count = reserve_what_fits(bundles, least, most, strategy, timeout_s)
+        return Reservation(group, 0, count, True)
+    specs = current.bundle_specs
+    first = len(specs) - len(bundles)
+    if first < 0 or any(any(spec.get(name, 0.0) < amount for name, amount in bundle.items())
+                        for spec, bundle in zip(specs[first:], bundles)):
+        raise ClusterError(
+            f"this driver runs in a placement group of {len(specs)} bundle(s) "
+            f"({'; '.join(map(describe_bundle, specs))}), "
+            f"whose last {len(bundles)} must each hold a replica ({describe_bundles(bundles)}); in Ray Tune, "
+            f"wrap the run with raytorch.tune.trainable, which asks for them")
+    if not current.wait(timeout_seconds=timeout_s if timeout_s is not None else DEFAULT_WAIT_S):
+        raise ClusterError("the placement group this driver runs in is not ready")
+    return Reservation(current, first, least, False)

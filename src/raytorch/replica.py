@@ -272,8 +272,9 @@ class Replica:
         return self.learner.evaluate(indices, chunk)
 
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
-    def ping(self) -> dict:
-        """Liveness and progress: steps applied, and for how long the current step has computed."""
+    def ping(self, progress: str = "") -> dict:
+        """Liveness: steps applied, how long the current step has computed; `progress`: a line for this actor's log."""
+        print(progress, flush=True) if progress else None
         since = self.learner.computing_since
         return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since,
                 "redone": self.redone}

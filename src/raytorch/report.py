@@ -54,6 +54,13 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
             f"last epoch loss {loss:.6f}{evaluated}")
 
 
+def uneven_line(small: str, large: str, slower: float) -> str:
+    """Why an adaptive split is far from even, in one line."""
+    return (f"split far from even: {small} measured {slower:.1f}x the time per sample of {large}, so it takes fewer "
+            f"samples and neither waits for the other (a replica that shares its core with the driver or other "
+            f"work measures slower; --split even cuts evenly)")
+
+
 def stuck_in(dump: Optional[str]) -> str:
     """'; stuck in wait (torch/distributed/...:123)': the innermost frame of the thread that runs
     the replica's calls, read from a py-spy dump; '' without one."""
