@@ -36,6 +36,8 @@ def main() -> int:
     keep_on_loopback()
     import ray
 
+    # a submitted job runs `python` from the cluster's PATH: this environment's, where raytorch is
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     dashboard = ray._private.worker.get_dashboard_url()
@@ -74,7 +76,7 @@ def submitted(proxy: str, dashboard: str, render) -> None:
     from browser import token
 
     submit = subprocess.run([sys.executable, "-m", "raytorch.cli", "train", "--submit", "--detach", "--address",
-                             dashboard, *TRAIN, "--epochs", "40"], cwd=ROOT, capture_output=True, text=True,
+                             dashboard, *TRAIN, "--epochs", "400"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
     print(submit.stdout, submit.stderr, end="")
     job_id = re.search(r"^Job (\S+) submitted", submit.stdout, re.M).group(1)
@@ -90,7 +92,8 @@ def submitted(proxy: str, dashboard: str, render) -> None:
            wait_ms=20000)
     os.environ["RAY_AUTH_MODE"] = "token"
     time.sleep(12)  # a progress line every 10 s
-    [actor] = [a for a in list_actors(filters=[("name", "=", "replica-0"), ("state", "=", "ALIVE")], detail=True)]
+    run = re.search(r"^Run (raytorch-[\w-]+):", job_log(), re.M).group(1)
+    [actor] = [a for a in list_actors(filters=[("ray_namespace", "=", run)], detail=True) if a.name == "replica-0"]
     render(f"{proxy}/#/actors/{actor.actor_id}", screenshot=ROOT / "docs" / "dashboard-actor-log.png",
            size="1400,1100", wait_ms=20000)
     subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", dashboard, job_id],

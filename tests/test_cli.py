@@ -41,7 +41,7 @@ def test_default_job_reproduces_the_seed_note():
     # progress went to the first replica's actor log (the dashboard's Actors page), not twice to the console
     assert "[raytorch progress]" not in proc.stdout + proc.stderr
     logs = Path("/tmp/ray/session_latest/logs")
-    marked = [line for path in logs.glob("worker-*.out") for line in path.read_text(errors="replace").splitlines()
+    marked = [line for path in logs.glob("worker-*.err") for line in path.read_text(errors="replace").splitlines()
               if line.startswith("[raytorch progress] epoch")]
     assert sum(" done," in line for line in marked) == 10, marked  # one at each epoch's end
     # two equal replicas read near even (a move must save a meaningful time per step, issue 19)

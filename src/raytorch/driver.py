@@ -128,8 +128,7 @@ class Trainer:
                                    total_steps=plan.total_steps,
                                    **{name: fn for name, fn in self.user_fns.items() if fn is not None}) as group:
                     output.replicas_started(config, group.described(), group.wire_reason)
-                    # progress in the first replica's actor log too: the dashboard shows it however this
-                    # runs (a driver that is itself a Ray worker, a Tune trial's, reports where it runs)
+                    # progress in replica-0's actor log, for the dashboard (not in a Tune trial: Tune reports)
                     if session.is_driver:
                         output.callbacks.add(ProgressLog(group.log_progress, plan.total_steps))
                         quiet_marked_lines()

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import math
 import os
+import sys
 import time
 from collections import deque
 from typing import Callable, NamedTuple, Optional
@@ -274,7 +275,7 @@ class Replica:
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
     def ping(self, progress: str = "") -> dict:
         """Liveness: steps applied, how long the current step has computed; `progress`: a line for this actor's log."""
-        print(progress, flush=True) if progress else None
+        print(progress, file=sys.stderr, flush=True) if progress else None  # the dashboard opens on stderr
         since = self.learner.computing_since
         return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since,
                 "redone": self.redone}
