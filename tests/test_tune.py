@@ -87,3 +87,20 @@ def test_asha_stops_the_worse_trials_and_the_best_is_a_plain_run(ray_local, tmp_
     assert best.metrics["eval_loss"] == pytest.approx(plain.eval_losses[-1], rel=1e-6)
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_a_restored_trial_gets_its_checkpoint_back_where_resume_reads_it(tmp_path):
+    """What Tune hands a trial it pauses and resumes: the reported checkpoint, copied into the
+    trial's run directory, where Trainer(resume_from=...) finds it valid."""
+    from ray import tune
+
+    from raytorch.checkpoint import load_latest, save
+    from raytorch.tune import restore_into
+
+    reported = tmp_path / "reported"
+    save(reported, 24, {"model": {"w": torch.ones(2)}}, keep=1)
+    run_dir = tmp_path / "trial" / "raytorch-run"
+    assert not restore_into(None, run_dir) and not run_dir.exists()
+    assert restore_into(tune.Checkpoint.from_directory(str(reported)), run_dir)
+    payload, path, skipped = load_latest(run_dir)
+    assert payload["step"] == 24 and torch.equal(payload["model"]["w"], torch.ones(2)) and not skipped

@@ -102,6 +102,12 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
     return parse_args(argv)[0]
 
 
+def failed(error: RaytorchError) -> int:
+    """One line on stderr; the exit code: 2 for bad input (ConfigError), 1 for the rest."""
+    print(f"raytorch: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, ConfigError) else 1
+
+
 def train(argv: Sequence[str]) -> int:
     try:
         config, options = parse_args(argv)
@@ -119,12 +125,8 @@ def train(argv: Sequence[str]) -> int:
 
         Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
                 eval_dataset_fn=what.eval_dataset_fn, **options).fit()  # step, optimizer by path: from config
-    except ConfigError as e:
-        print(f"raytorch: error: {e}", file=sys.stderr)
-        return 2
-    except RaytorchError as e:
-        print(f"raytorch: error: {e}", file=sys.stderr)
-        return 1
+    except RaytorchError as e:  # ConfigError too
+        return failed(e)
     except Interrupted as stopped:  # a first SIGINT or SIGTERM: stopped between steps
         name = signal.Signals(stopped.signum).name
         if stopped.checkpoint:
@@ -170,12 +172,8 @@ def tune(argv: Sequence[str]) -> int:
 
         results = run_search(args.config, args.address)
         best = results.get_best_result()
-    except ConfigError as e:
-        print(f"raytorch: error: {e}", file=sys.stderr)
-        return 2
-    except RaytorchError as e:
-        print(f"raytorch: error: {e}", file=sys.stderr)
-        return 1
+    except RaytorchError as e:  # ConfigError too
+        return failed(e)
     if best.error is not None and best.metrics is None:
         print(f"raytorch: error: no trial finished: {best.error}", file=sys.stderr)
         return 1

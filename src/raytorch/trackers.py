@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +19,7 @@ from .callbacks import Callback
 from .errors import ConfigError
 
 ARTIFACTS = ("loss.png", "model.safetensors", "config.yaml", "metrics.jsonl")
+CHECK_TIMEOUT_S = 10.0
 
 
 def _need(module: str, extra: str) -> Any:
@@ -41,6 +44,24 @@ def artifacts(run_dir: Optional[str]) -> list[Path]:
     return [Path(run_dir) / name for name in ARTIFACTS if (Path(run_dir) / name).exists()]
 
 
+def check_store(client) -> None:
+    """The tracking store answers now, before Ray starts, or the run does not start. A server is
+    asked once with a short timeout (MLflow's own client retries for minutes); a local store (file:,
+    sqlite:) is read."""
+    uri = client.tracking_uri
+    try:
+        if uri.startswith(("http://", "https://")):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S).close()
+            except urllib.error.HTTPError:
+                pass  # it answers (a server behind auth may say 401 or 404 here)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 -- many kinds: connection, store, permissions
+        raise ConfigError("callbacks", f"MLflow tracking store {uri!r} cannot be used: "
+                                       f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
 class MLflowCallback(Callback):
     """A run in MLflow: params (the resolved config), metrics per step and epoch, artifacts.
 
@@ -54,11 +75,7 @@ class MLflowCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
-        try:  # the store answers now, before Ray starts, or the run does not start
-            self.client.search_experiments(max_results=1)
-        except Exception as e:  # noqa: BLE001 -- MLflow raises many kinds: connection, store, permissions
-            raise ConfigError("callbacks", f"MLflow tracking store {self.client.tracking_uri!r} cannot be used: "
-                                           f"{type(e).__name__}: {str(e)[:300]}") from e
+        check_store(self.client)
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "raytorch"
         self.run_name, self.flush_s = run_name, flush_s
         self.run_id: Optional[str] = None
