@@ -15,9 +15,8 @@ from __future__ import annotations
 import gzip
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, record_function
@@ -29,11 +28,37 @@ PHASES = {"fetch": "fetch", "forward_backward": "forward+backward", "allreduce":
 """Each phase of a step, by the name its trace marker carries (raytorch.<name>), and as the console says it."""
 
 
-class Elapsed:
-    """The seconds a phase took, once it has ended."""
+class Phase:
+    """One phase of one step, timed as a `with` block (`seconds` once it has ended without an
+    error); in a profiled step, counted for the breakdown and marked in the trace. A plain class,
+    not a generator: every step of every run goes through four of these."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiler: "StepProfiler", name: str, step: int):
+        self.profiler, self.name, self.step = profiler, name, step
+        self.profiled = profiler.first <= step < profiler.end
+        self.marker: Optional[record_function] = None  # the trace's mark, while recording
+        self.started = 0.0
         self.seconds = 0.0
+
+    def __enter__(self) -> "Phase":
+        profiler = self.profiler
+        if self.profiled and profiler.trace is None:  # the window's first phase starts the trace
+            profiler.trace = torch.profiler.profile(activities=profiler.activities, record_shapes=False)
+            profiler.trace.start()
+            profiler.recording = True
+        if profiler.recording:
+            self.marker = record_function(f"raytorch.{self.name}")
+            self.marker.__enter__()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.seconds = time.perf_counter() - self.started
+        if self.marker is not None:
+            self.marker.__exit__(kind, error, traceback)
+        if kind is None and self.profiled:
+            self.profiler.seconds.setdefault(self.step, dict.fromkeys(PHASES, 0.0))[self.name] += self.seconds
 
 
 class StepProfiler:
@@ -53,22 +78,11 @@ class StepProfiler:
             warm_up.start()
             warm_up.stop()
 
-    @contextmanager
-    def phase(self, name: str, step: int) -> Iterator[Elapsed]:
-        """Phase `name` of global step `step`: timed (the Elapsed yielded), and, in a profiled step,
-        counted for the breakdown and marked in the trace (which starts with the window's first phase)."""
-        profiled = self.first <= step < self.end
-        if profiled and self.trace is None:
-            self.trace = torch.profiler.profile(activities=self.activities, record_shapes=False)
-            self.trace.start()
-            self.recording = True
-        elapsed = Elapsed()
-        with record_function(f"raytorch.{name}") if self.recording else nullcontext():
-            started = time.perf_counter()
-            yield elapsed
-            elapsed.seconds = time.perf_counter() - started
-        if profiled:
-            self.seconds.setdefault(step, dict.fromkeys(PHASES, 0.0))[name] += elapsed.seconds
+    def phase(self, name: str, step: int) -> Phase:
+        """Phase `name` of global step `step`, for a `with` block: timed (its `seconds`), and, in a
+        profiled step, counted for the breakdown and marked in the trace (which starts with the
+        window's first phase)."""
+        return Phase(self, name, step)
 
     def applied(self, step: int) -> None:
         """Step `step`'s update is done: after the window's last, the trace stops."""
