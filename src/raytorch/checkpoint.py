@@ -27,7 +27,7 @@ from .config import RUN_DEFINING, TrainConfig
 from .errors import CheckpointError
 from .position import Position
 from .snapshot import Snapshot
-from .storage import check_url, filesystem, is_local, is_url, join
+from .storage import CHECKPOINTS, check_url, filesystem, is_local, is_url, join
 
 FORMAT = "raytorch-checkpoint/1"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
@@ -35,7 +35,7 @@ NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 def directory(run_dir: str | Path) -> str | Path:
     """A run directory's checkpoint folder: a Path, or a URL for a run directory given as one."""
-    return join(run_dir, "checkpoints")
+    return join(run_dir, CHECKPOINTS)
 
 
 def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> str | Path:
@@ -56,12 +56,12 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> 
     for old in _names(fs, folder)[keep:]:
         _remove(fs, f"{folder}/{checksum_name(old)}")  # first: the pair reads as unfinished from now on
         _remove(fs, f"{folder}/{old}")
-    return join(run_dir, "checkpoints", name)
+    return join(run_dir, CHECKPOINTS, name)
 
 
 def listed(run_dir: str | Path) -> list[str | Path]:
     """The checkpoint files of a run directory, newest (highest step) first."""
-    return [join(run_dir, "checkpoints", name) for name in _names(*filesystem(directory(run_dir)))]
+    return [join(run_dir, CHECKPOINTS, name) for name in _names(*filesystem(directory(run_dir)))]
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -94,8 +94,7 @@ class Trainer:
     def _fit(self, output: RunOutput, storage: RunStorage) -> TrainResult:
         fit_started, config = time.perf_counter(), self.config
         storage.open(output.say)  # a URL: checked for writing, what it holds staged
-        run_dir = config.output_dir or self.resume_from
-        checkpoints = RunCheckpoints(run_dir, config, output.say, storage.mirror)
+        checkpoints = RunCheckpoints(storage.url, config, output.say, storage.mirror)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
         # a stream (IterableDataset) read by position, a ray.data.Dataset by block and row
         train_set = addressable(self.dataset_fn(), output.say)

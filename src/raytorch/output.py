@@ -21,7 +21,17 @@ from torch import nn
 from .callbacks import Callback, Callbacks
 from .config import TrainConfig
 from .position import Position
-from .report import Progress, RunDir, epoch_line, final_line, replica_name, restarts_line, summary_line, uneven_line
+from .report import (
+    Progress,
+    RunDir,
+    epoch_line,
+    final_line,
+    replica_name,
+    restarts_line,
+    scalar_linear_values,
+    summary_line,
+    uneven_line,
+)
 from .telemetry import RunMetrics
 
 
@@ -42,8 +52,6 @@ class StepsDone(NamedTuple):
     seconds_per_step: float
     """Since the previous gathering."""
     running_loss: Optional[float]
-    split_shown: bool
-    """Per-replica share gauges (an adaptive split); an even one says nothing per replica."""
 
 
 def warn(line: str) -> None:
@@ -58,8 +66,8 @@ class Console(Callback):
         self.say = say
 
     def on_epoch(self, record: dict) -> None:
-        state = {"weight": torch.tensor(record["w"]), "bias": torch.tensor(record["b"])} if "w" in record else None
-        self.say(epoch_line(record["epoch"], record["loss"], state, record["eval_loss"], record["eval_accuracy"]))
+        wb = (record["w"], record["b"]) if "w" in record else None
+        self.say(epoch_line(record["epoch"], record["loss"], wb, record["eval_loss"], record["eval_accuracy"]))
 
     def on_eval(self, record: dict) -> None:
         accuracy = record["eval_accuracy"]
@@ -189,7 +197,7 @@ class RunOutput:
                   "eval_accuracy": accuracy, "steps": steps, "samples": samples, "epoch_time_s": epoch_time_s,
                   "samples_per_s": sum(at.counts) / epoch_time_s}
         if state is not None:  # the seed's model: its w and b
-            record.update({name.rsplit(".", 1)[-1][0]: t.item() for name, t in state.items()})
+            record.update(scalar_linear_values(state))
         self.record(record)
 
     def checkpointed(self, step: int, path) -> None:

@@ -140,8 +140,7 @@ class StepPipeline:
         self.output.steps_done(StepsDone(
             epoch=at.epoch, first_step=call.first_step, losses=at.losses[before:], sizes=call.sizes, ranks=ranks,
             samples_per_s=self.samples_since / max(now - started, 1e-9),
-            seconds_per_step=(now - self.last_collect) / len(call.sizes), running_loss=at.running_loss(),
-            split_shown=self.config.split == "adaptive"), at)
+            seconds_per_step=(now - self.last_collect) / len(call.sizes), running_loss=at.running_loss()), at)
         self.last_collect = now
         self.last_split = dict(zip(ranks, call.sizes[-1]))
         self.step_time = (now - started) / max(1, len(at.losses) - index)

@@ -96,6 +96,12 @@ def prepare_process(cpus_per_replica: float) -> int:
     return baseline
 
 
+def to_actor_log(line: str) -> None:
+    """A line for this actor's log, on stderr (the tab the dashboard's actor page opens on); '': none."""
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _reported(method):
     """Re-raise a failure inside a replica as a ReplicaError naming the replica and its step."""
 
@@ -275,7 +281,7 @@ class Replica:
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
     def ping(self, progress: str = "") -> dict:
         """Liveness: steps applied, how long the current step has computed; `progress`: a line for this actor's log."""
-        print(progress, file=sys.stderr, flush=True) if progress else None  # the dashboard opens on stderr
+        to_actor_log(progress)
         since = self.learner.computing_since
         return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since,
                 "redone": self.redone}

@@ -28,14 +28,19 @@ def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
             and sorted(k.rsplit(".", 1)[-1] for k in state) == ["bias", "weight"])
 
 
-def epoch_line(epoch: int, loss: float, state: Optional[Mapping[str, torch.Tensor]] = None,
+def scalar_linear_values(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The linear model's {"w": weight, "b": bias} (see is_scalar_linear)."""
+    values = {k.rsplit(".", 1)[-1]: t.item() for k, t in state.items()}
+    return {"w": values["weight"], "b": values["bias"]}
+
+
+def epoch_line(epoch: int, loss: float, wb: Optional[tuple[float, float]] = None,
                eval_loss: Optional[float] = None, accuracy: Optional[float] = None) -> str:
-    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model, the eval loss (and a
-    classifier's eval accuracy) for others."""
+    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model (`wb`: its w and b), the
+    eval loss (and a classifier's eval accuracy) for others."""
     line = f"Epoch {epoch}: loss={loss:.6f}"
-    if state is not None and is_scalar_linear(state):
-        values = {k.rsplit(".", 1)[-1]: t.item() for k, t in state.items()}
-        return f"{line} (w={values['weight']:.3f}, b={values['bias']:.3f})"
+    if wb is not None:
+        return f"{line} (w={wb[0]:.3f}, b={wb[1]:.3f})"
     if eval_loss is not None:
         right = f", accuracy={accuracy:.1%}" if accuracy is not None else ""
         return f"{line} (eval loss={eval_loss:.6f}{right})"

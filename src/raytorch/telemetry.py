@@ -81,9 +81,6 @@ class RunMetrics(Callback):
             self.set(workers=record["workers"])
         super().on_record(record)
 
-    def on_end(self, result) -> None:
-        self.close()
-
     # -- the gauges ----------------------------------------------------------------------------------
 
     def set(self, **values: Optional[float]) -> None:
