@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faults import Gated, Poisoned
+from faults import Gated, Poisoned, gated
 from polling import wait_for
 from raytorch import CheckpointError, NonFiniteError, ReplicaError, TrainConfig, Trainer
-from raytorch.builtins import linear_data
+from raytorch.builtins import classification_data, linear_data, mlp
 from raytorch.checkpoint import listed
 from reference import assert_same_parameters, train_reference
 
@@ -308,3 +308,25 @@ def test_a_killed_driver_leaves_nothing_of_the_local_ray_it_started(tmp_path):
         driver.wait()
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, [(p.pid, p.cmdline()[:1]) for p in alive]
+
+
+def test_a_chunk_owner_lost_under_a_sharded_update_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys):
+    """Four replicas each step their own chunk of an MLP's parameters (plain SGD: zero.py);
+    replica-2, which owns one, is killed: replaced, and the run ends as one process's does."""
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "hold").touch()
+    model_fn, data = partial(mlp, 16, 4, 32), partial(classification_data, 480, 3)
+    job = dict(epochs=3, batch_size=16, lr=0.1, optimizer="sgd", seed=3)
+    trainer = Trainer(TrainConfig(**job, workers=4, reduction="shared_memory", step_timeout=5.0),
+                      model_fn=partial(gated, model_fn, str(folder), 40), dataset_fn=data, loss_fn=F.cross_entropy)
+    injector = inject(folder, 4, sigkill, name="replica-2")
+    result = trainer.fit()
+    injector.join()
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
+    assert_same_parameters(result.model, expected)
+    assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+    assert len(set(result.replica_digests)) == 1
+    [restart] = result.restarts
+    assert restart["replaced"] == ["replica-2"] and restart["workers"] == 4
+    assert "each replica steps its own 1/W of the parameters (sharded update)" in capsys.readouterr().out

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
+from . import syncbn
 from .wire import PeerFailed
+
+if TYPE_CHECKING:
+    from .learner import Learner
 
 # Gradient elements per bucket: reduced while backward computes the earlier layers' gradients.
 # Small enough that a 17 MB gradient makes several buckets, large enough that each operation's
@@ -84,6 +88,23 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def join(learner: Learner, position: int, world: int, address: str, port: int, timeout_s: float,
+         backend: str = "gloo") -> CollectiveWire:
+    """`learner`'s wire in a (fresh) group of `world` replicas at `position`, meeting at
+    address:port: gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the
+    device). Its gradients come weighted by their share of the batch from now on."""
+    if backend == "nccl":
+        learner.reduce_on_device()
+    wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
+                          backend)
+    learner.prescaled = True
+    if syncbn.synchronized(learner.model):  # sync_batchnorm: BatchNorm's statistics travel on the group too
+        syncbn.join(backend)
+    # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
+    learner.grads.on_ready = wire.ready if learner.staging is learner.flat_grad else None
+    return wire
 
 
 class CollectiveWire:

@@ -20,17 +20,17 @@ import ray
 import torch
 from torch import nn
 
-from . import syncbn
-from .collective import CollectiveWire, free_port
+from . import collective
+from .collective import free_port
 from .config import TrainConfig
 from .device import replica_device, torch_threads
 from .errors import NonFiniteError, PeerError, ReplicaError
 from .learner import Learner
 from .report import replica_name
 from .snapshot import Snapshot
-from .syncbn import synchronized
 from .telemetry import ReplicaMetrics
-from .wire import ObjectStoreWire, PeerFailed, SharedMemoryWire, shared_memory_available
+from .wire import ObjectStoreWire, PeerFailed, shared_memory_available
+from .zero import shared_wire
 
 # Global losses of the last steps this replica applied: what the driver had not gathered yet
 # when a peer died comes from here (calls in flight hold far fewer steps).
@@ -138,7 +138,7 @@ class Replica:
         device = replica_device(config.device_of(rank), assigned_gpus())
         self.learner = Learner(config, device, model_fn, loss_fn, init_state, train_set, eval_set, total_steps,
                                **user_fns)
-        self.wire = ObjectStoreWire()
+        self.wire, self.sharded = ObjectStoreWire(), None  # sharded: a ShardedUpdate (zero.py) or None
 
     # the learner's parts that callers look at
     model = property(lambda self: self.learner.model)
@@ -214,23 +214,33 @@ class Replica:
         # fp16 gradients, and any on the collective wire, arrive weighted by their share already
         # (see Learner.gradient): sum them
         summed = [1.0] * len(weights) if self.scaler is not None or self.learner.prescaled else weights
+        shard = None
         with self.learner.profiler.phase("allreduce", self.steps) as reduced:
-            loss = self.wire.all_reduce(items, summed, weights, out=self.learner.host_grad)
-        self.wire.applied(self.steps)
+            if self.sharded is None:
+                loss = self.wire.all_reduce(items, summed, weights, out=self.learner.host_grad)
+            else:  # this replica's chunk of the gradient only: it steps that chunk of the parameters
+                loss, chunk = self.wire.reduce_scatter(items, summed, weights)
+                shard = functools.partial(self.sharded.apply, self.wire, self.steps, chunk)
+        self.wire.applied(self.steps)  # the peers' gradients are read: their buffers are free again
         self.loss_log.append((self.steps, loss))
         # a non-finite loss (on_nonfinite 'skip'; 'stop' raised in _compute): drop the update
-        self.learner.update(finite=math.isfinite(loss), step=self.steps)
+        self.learner.update(finite=math.isfinite(loss), step=self.steps, shard=shard)
         self.steps += 1
         return reduced.seconds
 
-    def share_memory(self, prefix: str, position: int, world: int) -> list[str]:
+    def share_memory(self, prefix: str, position: int, world: int) -> tuple[list[str], Optional[str]]:
         """Switch to (fresh) shared-memory wire buffers at `position` among `world` replicas (all on
-        one node); returns this replica's buffer paths."""
-        grad = self.learner.host_grad
+        one node); returns this replica's buffer paths, and why its update is not sharded (None:
+        it is; past two replicas each steps its own chunk of the parameters, zero.py)."""
         getattr(self.wire, "unlink", lambda: None)()  # names of a set-up a lost peer broke off go too
-        self.wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=self.steps, world=world)
+        wire, sharded, unsharded = shared_wire(self.learner, prefix, position, world, self.steps)
+        self._use(wire, sharded)
+        return wire.paths, unsharded
+
+    def _use(self, wire, sharded=None) -> None:
+        """Hand gradients over on `wire` from now on, unweighted, updated whole unless `sharded`."""
+        self.wire, self.sharded = wire, sharded
         self.learner.prescaled, self.learner.grads.on_ready = False, None
-        return self.wire.paths
 
     def adopt(self, rank: int) -> None:
         """A spare takes the place of replica `rank` (its state comes next, by restore)."""
@@ -240,8 +250,7 @@ class Replica:
 
     def use_object_store(self) -> None:
         """Hand gradients over as Ray objects (replicas on several nodes)."""
-        self.wire = ObjectStoreWire()
-        self.learner.prescaled, self.learner.grads.on_ready = False, None
+        self._use(ObjectStoreWire())
 
     def rendezvous(self) -> tuple[str, int]:
         """An address of this replica's node and a port free there: where a collective group meets."""
@@ -250,18 +259,9 @@ class Replica:
 
     def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float,
                         backend: str = "gloo") -> None:
-        """Switch to a (fresh) group of `world` replicas at `position`, meeting at address:port:
-        gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the device)."""
-        if backend == "nccl":
-            self.learner.reduce_on_device()
-        learner = self.learner
-        self.wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
-                                   backend)
-        learner.prescaled = True
-        if synchronized(learner.model):  # sync_batchnorm: BatchNorm's statistics travel on the group too
-            syncbn.join(backend)
-        # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
-        learner.grads.on_ready = self.wire.ready if learner.staging is learner.flat_grad else None
+        """Switch to a (fresh) collective group (collective.join)."""
+        self.sharded = None
+        self.wire = collective.join(self.learner, position, world, address, port, timeout_s, backend)
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,15 +29,17 @@ PUBLISHED, APPLIED, FAILED, REDUCED = 0, 1, 2, 3
 LOSS = 4
 CONTROL = LOSS + 2
 LIVENESS_CHECK_S = 0.1
+MAX_NAP_S = 2e-3
 
 
 class Buffers(NamedTuple):
     """A replica's shared-memory buffers: two gradients and two reduced chunks (alternating by
-    step), and its control block."""
+    step), its control block, and, with a sharded update, two stepped chunks of the parameters."""
 
     grads: list[np.ndarray]
     reduced: list[np.ndarray]
     control: np.ndarray
+    params: list[np.ndarray]
 
 
 class PeerFailed(RuntimeError):
@@ -104,23 +106,26 @@ class SharedMemoryWire:
 
     kind = "shared_memory"
 
-    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0, world: int = 1):
+    def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0, world: int = 1,
+                 sharded: bool = False):
         """Buffers for the replica at wire position `rank` of `world`, whose next gradient is for
-        global step `step`."""
+        global step `step`; `sharded`: the replicas step their own chunk of the parameters (zero.py)."""
         self.rank = rank
         self.chunks = chunk_bounds(numel, world)
-        names = ("grad0", "grad1", "reduced0", "reduced1", "control")
+        self.sharded = sharded and world > 2
+        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * self.sharded
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
         grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
-        reduced = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),)) for p in self.paths[2:4]]
+        chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),))
+                  for p in self.paths[2:4] + self.paths[5:]]
         control = np.memmap(self.paths[4], dtype=np.int64, mode="w+", shape=(CONTROL,))
         control[:LOSS] = [step - 1, step - 1, 0, step - 1]
-        self.own = Buffers(grads, reduced, control)
+        self.own = Buffers(grads, chunks[:2], control, chunks[2:])
         self.peers: dict[int, Buffers] = {rank: self.own}
         self.pids: dict[int, int] = {}
         self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
         self.waited = 0.0  # seconds spent waiting for peers, in all: not this replica's own work
-        self.buffer_bytes = sum(a.nbytes for a in grads + reduced)
+        self.buffer_bytes = sum(a.nbytes for a in grads + chunks)
 
     def _size(self, rank: int) -> int:
         """Elements of the reduced buffer of the replica at `rank`: its chunk (a file cannot be empty)."""
@@ -134,9 +139,10 @@ class SharedMemoryWire:
         for rank, paths in paths_by_rank.items():
             if rank != self.rank:
                 grads = [np.memmap(p, dtype=grad.dtype, mode="r", shape=grad.shape) for p in paths[:2]]
-                reduced = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),)) for p in paths[2:4]]
+                chunks = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),))
+                          for p in paths[2:4] + paths[5:]]
                 control = np.memmap(paths[4], dtype=np.int64, mode="r", shape=(CONTROL,))
-                self.peers[rank] = Buffers(grads, reduced, control)
+                self.peers[rank] = Buffers(grads, chunks[:2], control, chunks[2:])
 
     def unlink(self) -> None:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
@@ -174,11 +180,7 @@ class SharedMemoryWire:
         if len(self.chunks) <= 2:  # see the class: two replicas sum whole gradients
             return weighted_loss(loss_weights, sum_whole(self, tokens, grad_weights, out))
         step = tokens[0][1]
-        lo, hi = self.chunks[self.rank]
-        read = [self.read(token) for token in tokens]
-        mine = self.own.reduced[step % 2]
-        if hi > lo:  # reduce-scatter: this replica's chunk of every routed gradient, summed in order
-            weighted_sum([grad[lo:hi] for grad, _ in read], grad_weights, out=torch.from_numpy(mine[:hi - lo]))
+        loss, _ = self.reduce_scatter(tokens, grad_weights, loss_weights)
         self.own.control[REDUCED] = step
         gathered = out.numpy()
         for rank in sorted(self.peers):  # all-gather: every replica's reduced chunk, in place
@@ -186,7 +188,32 @@ class SharedMemoryWire:
             if end > start:
                 self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to reduce step {step}")
                 gathered[start:end] = peer.reduced[step % 2][:end - start]
-        return weighted_loss(loss_weights, [loss for _, loss in read])
+        return loss
+
+    def reduce_scatter(self, tokens: Sequence[tuple[int, int]], grad_weights: Sequence[float],
+                       loss_weights: Sequence[float]) -> tuple[float, torch.Tensor]:
+        """This replica's chunk of the sum of grad_weights[i] * the gradient at tokens[i], summed in
+        order into its reduced buffer, and the global loss (as all_reduce)."""
+        step = tokens[0][1]
+        lo, hi = self.chunks[self.rank]
+        read = [self.read(token) for token in tokens]
+        mine = torch.from_numpy(self.own.reduced[step % 2][:hi - lo])
+        if hi > lo:
+            weighted_sum([grad[lo:hi] for grad, _ in read], grad_weights, out=mine)
+        return weighted_loss(loss_weights, [loss for _, loss in read]), mine
+
+    def gather_params(self, step: int, take: Callable[[int, np.ndarray], None]) -> None:
+        """Publish this replica's stepped chunk of `step`, wait until every peer has published its
+        own, then hand each (rank, chunk) to `take`, in rank order: no chunk is taken before all
+        are there, so a peer lost on the way leaves this replica's model as it was. A chunk buffer
+        of step k is rewritten at step k + 2, after its owner has seen every peer publish step
+        k + 1's chunk, which each does after taking step k's."""
+        self.own.control[REDUCED] = step
+        for rank, peer in sorted(self.peers.items()):
+            self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to step its chunk of step {step}")
+        for rank, peer in sorted(self.peers.items()):
+            start, end = self.chunks[rank]
+            take(rank, peer.params[step % 2][:end - start])
 
     def applied(self, step: int) -> None:
         self.own.control[APPLIED] = step
@@ -204,7 +231,6 @@ class SharedMemoryWire:
             return
         control = self.peers[rank].control
         started = checked = time.monotonic()
-        pause = 0.0
         while not ready():
             now = time.monotonic()
             if control[FAILED] or rank in self.abandoned:
@@ -215,8 +241,10 @@ class SharedMemoryWire:
                     raise PeerFailed(f"replica {rank} died while this one waited for it {what}")
                 if now - started > PEER_TIMEOUT_S:
                     raise PeerFailed(f"replica {rank} did not answer within {PEER_TIMEOUT_S:g} s ({what})")
-            time.sleep(pause)  # sleep(0) yields the core; back off to 100 us if the peer is far behind
-            pause = min(1e-4, pause + 1e-6)
+            # sleep(0) yields the core; the longer the wait, the longer the naps (each at most a
+            # twentieth of the wait so far, and 2 ms): waiting replicas sharing cores with
+            # working ones wake a few hundred times a second, not ten thousand
+            time.sleep(min(MAX_NAP_S, (now - started) / 20))
         self.waited += time.monotonic() - started
 
 
