@@ -39,6 +39,7 @@ def test_steps_per_call_amortizes_small_steps_only():
     assert steps_per_call("shared_memory", 0.2) == 1
     assert steps_per_call("shared_memory", 5e-3) == 20
     assert steps_per_call("shared_memory", 1e-6) == 64
+    assert steps_per_call("collective", 0.05) == 8  # calls cross nodes: longer ones
 
 
 needs_shm = pytest.mark.skipif(not shared_memory_available(), reason="needs /dev/shm on x86")
