@@ -29,7 +29,6 @@ PUBLISHED, APPLIED, FAILED, REDUCED = 0, 1, 2, 3
 LOSS = 4
 CONTROL = LOSS + 2
 LIVENESS_CHECK_S = 0.1
-MAX_NAP_S = 2e-3
 
 
 class Buffers(NamedTuple):
@@ -231,6 +230,7 @@ class SharedMemoryWire:
             return
         control = self.peers[rank].control
         started = checked = time.monotonic()
+        pause = 0.0
         while not ready():
             now = time.monotonic()
             if control[FAILED] or rank in self.abandoned:
@@ -241,10 +241,8 @@ class SharedMemoryWire:
                     raise PeerFailed(f"replica {rank} died while this one waited for it {what}")
                 if now - started > PEER_TIMEOUT_S:
                     raise PeerFailed(f"replica {rank} did not answer within {PEER_TIMEOUT_S:g} s ({what})")
-            # sleep(0) yields the core; the longer the wait, the longer the naps (each at most a
-            # twentieth of the wait so far, and 2 ms): waiting replicas sharing cores with
-            # working ones wake a few hundred times a second, not ten thousand
-            time.sleep(min(MAX_NAP_S, (now - started) / 20))
+            time.sleep(pause)  # sleep(0) yields the core; back off to 100 us if the peer is far behind
+            pause = min(1e-4, pause + 1e-6)
         self.waited += time.monotonic() - started
 
 
