@@ -576,7 +576,7 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
         gather(actors, [a.use_object_store.remote() for a in actors])
     else:
         shared = gather(actors, [a.share_memory.remote(prefix, p, len(actors)) for p, a in enumerate(actors)])
-        paths, unsharded = [paths for paths, _ in shared], shared[0][1]
+        paths, unsharded = [replica_paths for replica_paths, _ in shared], shared[0][1]
         if len(actors) > 2:  # the same config everywhere: the same answer
             why += ("; each replica steps its own 1/W of the parameters (sharded update)" if unsharded is None
                     else f"; every replica steps all the parameters ({unsharded})")

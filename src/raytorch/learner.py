@@ -168,10 +168,11 @@ class FlatGradient:
         fresh = param.grad.reshape(-1)
         if not self.check:
             self.gathered[lo:hi].copy_(fresh)
-        for start in range(0, (hi - lo) * self.check, GATHER_PIECE):  # each piece summed while in cache
-            piece = self.gathered[lo + start:min(hi, lo + start + GATHER_PIECE)]
-            piece.copy_(fresh[start:start + len(piece)])
-            self.checksum += piece.sum()
+        else:
+            for start in range(0, hi - lo, GATHER_PIECE):  # each piece summed while in cache
+                piece = self.gathered[lo + start:min(hi, lo + start + GATHER_PIECE)]
+                piece.copy_(fresh[start:start + len(piece)])
+                self.checksum += piece.sum()
         param.grad = None  # freed now, not at the end of backward
         self._ready(index)
 

@@ -111,8 +111,7 @@ class SharedMemoryWire:
         global step `step`; `sharded`: the replicas step their own chunk of the parameters (zero.py)."""
         self.rank = rank
         self.chunks = chunk_bounds(numel, world)
-        self.sharded = sharded and world > 2
-        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * self.sharded
+        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * (sharded and world > 2)
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
         grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
         chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),))

@@ -80,9 +80,9 @@ class ShardedUpdate:
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.group_of = [group_of[id(p)] for p in params]
         self.groups = sorted({self.group_of[index] for index, *_ in self.mine})  # the real groups in the chunk
-        self.buffers = [torch.from_numpy(b) for b in buffers]
         # per parity: a view of the buffer per piece of the chunk, and an SGD over them (None: no piece)
-        self.views = [[b[offset:offset + end - start] for _, start, end, offset in self.mine] for b in self.buffers]
+        self.views = [[torch.from_numpy(b)[offset:offset + end - start] for _, start, end, offset in self.mine]
+                      for b in buffers]
         self.shards = [self._shard(views) for views in self.views]
 
     def _shard(self, views: list[torch.Tensor]) -> Optional[torch.optim.SGD]:
@@ -93,10 +93,10 @@ class ShardedUpdate:
             groups[self.group_of[index]].append(view)
         return torch.optim.SGD([{"params": groups[g]} for g in self.groups], lr=0.0)
 
-    def step(self, step: int, reduced: torch.Tensor, finite: bool) -> np.ndarray:
-        """Step this replica's chunk of the parameters with `reduced` (its chunk of the all-reduced
-        gradient) unless not `finite`; returns the buffer that holds the result."""
-        buffer, shard, views = self.buffers[step % 2], self.shards[step % 2], self.views[step % 2]
+    def step(self, step: int, reduced: torch.Tensor, finite: bool) -> None:
+        """Step this replica's chunk of the parameters, in the buffer of `step`'s parity, with
+        `reduced` (its chunk of the all-reduced gradient) unless not `finite`."""
+        shard, views = self.shards[step % 2], self.views[step % 2]
         for (index, start, end, _), view in zip(self.mine, views):  # the chunk as the model holds it now
             view.copy_(self.params[index][start:end])
         if finite and shard is not None:
@@ -105,7 +105,6 @@ class ShardedUpdate:
             for shard_group, g in zip(shard.param_groups, self.groups):
                 shard_group.update({k: v for k, v in self.optimizer.param_groups[g].items() if k != "params"})
             shard.step()
-        return buffer.numpy()
 
     def take(self, rank: int, chunk: np.ndarray) -> None:
         """Copy replica `rank`'s stepped chunk into the model's parameters."""
