@@ -1,12 +1,15 @@
 """Per-replica devices (--devices cpu,cuda,...): resources, room checks and early errors. The GPU
 half runs where a GPU is (scripts/gpu_check.sh); here, everything that needs none."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch.nn.functional as F
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
-from raytorch.device import gpu_index, replica_env, replica_resources, resolve_device, whole_gpus
+from raytorch.device import HUGE_PAGES, gpu_index, replica_env, replica_resources, resolve_device, whole_gpus
 from raytorch.placement import describe_bundles, shortfall
 
 
@@ -45,10 +48,27 @@ def test_whole_gpu_replicas_see_their_node_and_pick_their_own_by_ray_id():
     whole = TrainConfig(workers=2, device="cuda")
     shared = TrainConfig(workers=2, device="cuda", gpus_per_replica=0.5)
     mixed = TrainConfig(workers=2, devices="cuda,cpu")
-    assert replica_env(whole, 0) == {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-    assert replica_env(shared, 0) is None and replica_env(mixed, 1) is None
+    assert replica_env(whole, 0)["env_vars"]["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in replica_env(shared, 0)["env_vars"]
+    assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in replica_env(mixed, 1)["env_vars"]
     assert whole_gpus(whole, [0, 1]) and not whole_gpus(shared, [0, 1]) and not whole_gpus(mixed, [0, 1])
     assert gpu_index("3", None) == 3  # the node shows all its GPUs: the id is the index
     assert gpu_index("6", "4,6, 7") == 1  # the node narrows them: the id's place among them
     with pytest.raises(RuntimeError, match="GPU 2, which is not among CUDA_VISIBLE_DEVICES=4,6"):
         gpu_index("2", "4,6")
+
+
+def test_replicas_start_with_huge_page_allocation_unless_the_driver_says_otherwise(ray_local, monkeypatch):
+    config = TrainConfig(workers=2)
+    monkeypatch.delenv(HUGE_PAGES, raising=False)
+    env = replica_env(config, 0)
+    assert env["env_vars"][HUGE_PAGES] == "1"
+
+    @ray_local.remote(num_cpus=0)
+    def seen():
+        return os.environ.get(HUGE_PAGES), os.environ.get("PYTHONPATH")
+
+    # Ray merges the replica's env_vars with the job's (the fixture's PYTHONPATH stays)
+    assert ray_local.get(seen.options(runtime_env=env).remote()) == ("1", str(Path(__file__).parent))
+    monkeypatch.setenv(HUGE_PAGES, "0")
+    assert replica_env(config, 1)["env_vars"][HUGE_PAGES] == "0"
