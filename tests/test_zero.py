@@ -62,7 +62,7 @@ def sharded_replicas(request, world):
         w.unlink()
     models = [model() for _ in range(world)]
     optimizers = [two_groups(m) for m in models]
-    updates = [ShardedUpdate(o, list(m.parameters()), w.chunks, r, w.own.params)
+    updates = [ShardedUpdate(o, list(m.parameters()), w.chunks, r)
                for r, (m, o, w) in enumerate(zip(models, optimizers, wires))]
     return models, optimizers, wires, updates
 
@@ -112,35 +112,44 @@ def test_sharded_sgd_gives_every_replica_the_bits_of_one_process(request, world)
             wires[r].publish(grads[r], step, loss=1.0)
             _, chunk = wires[r].reduce_scatter([(q, step) for q in range(world)], weights, weights)
             wires[r].applied(step)
-            updates[r].step(step, chunk, finite)
-            wires[r].gather_params(step, updates[r].take)
+            updates[r].apply(wires[r], step, chunk, finite)
 
         assert run_threads(replica, world) == []
-        for m in models:
+        for m, w in zip(models, wires):
+            shared = torch.from_numpy(w.params[step % 2])  # each wire's mapping of the one buffer
             for p, q in zip(m.parameters(), reference.parameters()):
                 assert torch.equal(p, q)
+                # no copy: every model's parameters are views of the buffer all replicas stepped
+                assert shared.data_ptr() <= p.data_ptr() < shared.data_ptr() + shared.nbytes
+    # released (the wire goes, or a state is loaded): each model its own again, the same numbers
+    updates[1].release()
+    assert all(torch.equal(p, q) for p, q in zip(models[1].parameters(), reference.parameters()))
+    with torch.no_grad():
+        next(models[1].parameters()).add_(1.0)
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), reference.parameters()))
 
 
 @needs_shm
 def test_a_peer_lost_before_its_chunk_leaves_every_model_whole(request):
-    """Replica 2 fails after the reduce-scatter, before it publishes its stepped chunk: the others
-    stop (PeerFailed) with their models at the previous step, not part stepped."""
+    """Step 0 goes through (the models now live in the shared buffer of step 0); at step 1
+    replica 2 fails after the reduce-scatter, before it steps its chunk: the others stop
+    (PeerFailed) with their models at step 0, not part stepped."""
     world = 4
     models, _, wires, updates = sharded_replicas(request, world)
-    before = [p.detach().clone() for p in models[0].parameters()]
     numel = wires[0].own.grads[0].size
 
-    def replica(r):
-        wires[r].publish(torch.ones(numel), 0, loss=1.0)
-        _, chunk = wires[r].reduce_scatter([(q, 0) for q in range(world)], [0.25] * world, [0.25] * world)
-        wires[r].applied(0)
-        if r == 2:
+    def replica(r, step):
+        wires[r].publish(torch.ones(numel), step, loss=1.0)
+        _, chunk = wires[r].reduce_scatter([(q, step) for q in range(world)], [0.25] * world, [0.25] * world)
+        wires[r].applied(step)
+        if r == 2 and step == 1:
             wires[r].fail()
             return
-        updates[r].step(0, chunk, True)
-        wires[r].gather_params(0, updates[r].take)
+        updates[r].apply(wires[r], step, chunk, True)
 
-    errors = run_threads(replica, world)
+    assert run_threads(lambda r: replica(r, 0), world) == []
+    after_0 = [p.detach().clone() for p in models[0].parameters()]
+    errors = run_threads(lambda r: replica(r, 1), world)
     assert sorted(r for r, _ in errors) == [0, 1, 3] and all(isinstance(e, PeerFailed) for _, e in errors)
     for r in (0, 1, 3):
-        assert all(torch.equal(p, q) for p, q in zip(models[r].parameters(), before))
+        assert all(torch.equal(p, q) for p, q in zip(models[r].parameters(), after_0))

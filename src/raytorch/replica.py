@@ -30,7 +30,7 @@ from .report import replica_name
 from .snapshot import Snapshot
 from .telemetry import ReplicaMetrics
 from .wire import ObjectStoreWire, PeerFailed, shared_memory_available
-from .zero import shared_wire
+from .zero import release, shared_wire
 
 # Global losses of the last steps this replica applied: what the driver had not gathered yet
 # when a peer died comes from here (calls in flight hold far fewer steps).
@@ -146,8 +146,7 @@ class Replica:
     device = property(lambda self: self.learner.device)
 
     def __repr__(self) -> str:
-        # Ray calls this even for an actor whose __init__ failed half way.
-        learner = getattr(self, "learner", None)
+        learner = getattr(self, "learner", None)  # Ray calls this even where __init__ failed half way
         return (f"Replica(rank={getattr(self, 'rank', '?')}, device={learner.device if learner else '?'}, "
                 f"run={getattr(self, 'run_name', '?')})")
 
@@ -229,9 +228,8 @@ class Replica:
         return reduced.seconds
 
     def share_memory(self, prefix: str, position: int, world: int) -> tuple[list[str], Optional[str]]:
-        """Switch to (fresh) shared-memory wire buffers at `position` among `world` replicas (all on
-        one node); returns this replica's buffer paths, and why its update is not sharded (None:
-        it is; past two replicas each steps its own chunk of the parameters, zero.py)."""
+        """Switch to fresh shared-memory buffers at `position` among `world` replicas on one node;
+        returns this replica's buffer paths, and why its update is not sharded (None: it is; zero.py)."""
         getattr(self.wire, "unlink", lambda: None)()  # names of a set-up a lost peer broke off go too
         wire, sharded, unsharded = shared_wire(self.learner, prefix, position, world, self.steps)
         self._use(wire, sharded)
@@ -239,6 +237,7 @@ class Replica:
 
     def _use(self, wire, sharded=None) -> None:
         """Hand gradients over on `wire` from now on, unweighted, updated whole unless `sharded`."""
+        release(self.sharded)
         self.wire, self.sharded = wire, sharded
         self.learner.prescaled, self.learner.grads.on_ready = False, None
 
@@ -260,7 +259,7 @@ class Replica:
     def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float,
                         backend: str = "gloo") -> None:
         """Switch to a (fresh) collective group (collective.join)."""
-        self.sharded = None
+        self._use(ObjectStoreWire())  # the model its own again, and the wire's settings reset
         self.wire = collective.join(self.learner, position, world, address, port, timeout_s, backend)
 
     def position(self) -> int:
@@ -299,6 +298,7 @@ class Replica:
     @_reported
     def restore(self, snapshot: Snapshot) -> int:
         """Become the replica that took `snapshot`; returns its step count."""
+        release(self.sharded)  # the state goes into parameters of this replica's own
         self.learner.restore(snapshot)
         self.steps = snapshot.steps
         self.loss_log.clear()

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +33,11 @@ LIVENESS_CHECK_S = 0.1
 
 class Buffers(NamedTuple):
     """A replica's shared-memory buffers: two gradients and two reduced chunks (alternating by
-    step), its control block, and, with a sharded update, two stepped chunks of the parameters."""
+    step), and its control block."""
 
     grads: list[np.ndarray]
     reduced: list[np.ndarray]
     control: np.ndarray
-    params: list[np.ndarray]
 
 
 class PeerFailed(RuntimeError):
@@ -111,19 +110,22 @@ class SharedMemoryWire:
         global step `step`; `sharded`: the replicas step their own chunk of the parameters (zero.py)."""
         self.rank = rank
         self.chunks = chunk_bounds(numel, world)
-        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * (sharded and world > 2)
+        # with a sharded update, the replica at position 0 also makes the two parameter buffers
+        # every replica's model lives in (see gather_params)
+        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * (
+            sharded and rank == 0)
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
         grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
-        chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),))
-                  for p in self.paths[2:4] + self.paths[5:]]
+        chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),)) for p in self.paths[2:4]]
         control = np.memmap(self.paths[4], dtype=np.int64, mode="w+", shape=(CONTROL,))
         control[:LOSS] = [step - 1, step - 1, 0, step - 1]
-        self.own = Buffers(grads, chunks[:2], control, chunks[2:])
+        self.own = Buffers(grads, chunks, control)
+        self.params = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[5:]]
         self.peers: dict[int, Buffers] = {rank: self.own}
         self.pids: dict[int, int] = {}
         self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
         self.waited = 0.0  # seconds spent waiting for peers, in all: not this replica's own work
-        self.buffer_bytes = sum(a.nbytes for a in grads + chunks)
+        self.buffer_bytes = sum(a.nbytes for a in grads + chunks + self.params)
 
     def _size(self, rank: int) -> int:
         """Elements of the reduced buffer of the replica at `rank`: its chunk (a file cannot be empty)."""
@@ -131,16 +133,18 @@ class SharedMemoryWire:
         return max(1, hi - lo)
 
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
-        """Map every peer's buffers and control block, read-only; remember its pid to notice its death."""
+        """Map every peer's buffers and control block, read-only, and position 0's parameter
+        buffers (where it made them) read-write; remember each peer's pid to notice its death."""
         grad = self.own.grads[0]
         self.pids = dict(pids_by_rank)
         for rank, paths in paths_by_rank.items():
             if rank != self.rank:
                 grads = [np.memmap(p, dtype=grad.dtype, mode="r", shape=grad.shape) for p in paths[:2]]
-                chunks = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),))
-                          for p in paths[2:4] + paths[5:]]
+                chunks = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),)) for p in paths[2:4]]
                 control = np.memmap(paths[4], dtype=np.int64, mode="r", shape=(CONTROL,))
-                self.peers[rank] = Buffers(grads, chunks[:2], control, chunks[2:])
+                self.peers[rank] = Buffers(grads, chunks, control)
+                if paths[5:] and not self.params:
+                    self.params = [np.memmap(p, dtype=grad.dtype, mode="r+", shape=grad.shape) for p in paths[5:]]
 
     def unlink(self) -> None:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
@@ -200,18 +204,18 @@ class SharedMemoryWire:
             weighted_sum([grad[lo:hi] for grad, _ in read], grad_weights, out=mine)
         return weighted_loss(loss_weights, [loss for _, loss in read]), mine
 
-    def gather_params(self, step: int, take: Callable[[int, np.ndarray], None]) -> None:
-        """Publish this replica's stepped chunk of `step`, wait until every peer has published its
-        own, then hand each (rank, chunk) to `take`, in rank order: no chunk is taken before all
-        are there, so a peer lost on the way leaves this replica's model as it was. A chunk buffer
-        of step k is rewritten at step k + 2, after its owner has seen every peer publish step
-        k + 1's chunk, which each does after taking step k's."""
+    def gather_params(self, step: int) -> np.ndarray:
+        """Publish that this replica has stepped its chunk of the parameters into the buffer of
+        `step`'s parity (params[step % 2]), wait until every peer has stepped its own, and return
+        that buffer: whole now, each chunk stepped once, by its owner. No model is moved onto it
+        before every chunk is there, so a peer lost on the way leaves every model at the previous
+        step. The buffer is written again at step `step` + 2, by a replica that has read every
+        peer's gradient of that step: every peer has moved its model off it by then (onto the
+        buffer of step `step` + 1)."""
         self.own.control[REDUCED] = step
         for rank, peer in sorted(self.peers.items()):
             self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to step its chunk of step {step}")
-        for rank, peer in sorted(self.peers.items()):
-            start, end = self.chunks[rank]
-            take(rank, peer.params[step % 2][:end - start])
+        return self.params[step % 2]
 
     def applied(self, step: int) -> None:
         self.own.control[APPLIED] = step

@@ -1,13 +1,17 @@
-"""Sharded update: each replica steps its own chunk of the parameters, then every replica copies
-the stepped chunks of all (the update of ZeRO stage 1), on the shared-memory wire past two replicas.
+"""Sharded update: each replica steps its own chunk of the parameters, and every replica's model
+then lives in the buffer they stepped together (the update of ZeRO stage 1, without its
+all-gather: on one node the replicas share one copy of the parameters), on the shared-memory wire
+past two replicas.
 
 After the reduce-scatter replica p holds the reduced gradient of chunk p only; instead of
 gathering the whole gradient and stepping every parameter (what every replica would otherwise do,
-W times the same work on one node's cores and memory), it steps chunk p of the parameters and
-publishes it; every replica then copies each peer's stepped chunk into its model. Per replica the
-step's memory traffic falls from ~3 whole models (read parameters and gradient, write parameters)
-plus the gathered gradient to 3/W of one, and every replica ends with the same bits: each chunk is
-stepped once, by its owner, and copied.
+W times the same work on one node's cores and memory), it steps chunk p of the parameters into a
+buffer in /dev/shm that every replica maps; once every chunk is there, each replica points its
+model's parameters at that buffer. Per replica the step's memory traffic falls from ~3 whole
+models (read parameters and gradient, write parameters) plus the gathered gradient to 3/W of one,
+with no copy of the parameters; every replica holds the same bits, which equal one process's SGD:
+each chunk is stepped once, by its owner. Two buffers alternate by step, so a lost replica never
+leaves a model part stepped.
 
 Only for an optimizer that keeps no state between steps (plain SGD: no momentum): a lost replica
 then takes nothing with it that its peers cannot recompute. Sharding the state of Adam or
@@ -63,42 +67,48 @@ def why_not(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], fl
 class ShardedUpdate:
     """Steps this replica's chunk of the parameters with a shard of `optimizer` (an SGD of its own
     over views of the chunk, given the real one's hyper-parameters, which the schedule moves,
-    before each step) and copies every replica's stepped chunk into the model.
+    before each step), then moves the model onto the parameters all replicas stepped.
 
-    The chunk is stepped in a buffer of the wire's (two, alternating by step, which the peers read),
-    not in the model: a peer lost before every chunk of a step is published leaves every survivor's
-    model at the previous step, whole."""
+    The chunk is stepped in the wire's parameter buffer of the step's parity, shared by every
+    replica on the node, not in the model: a peer lost before every chunk of a step is there
+    leaves every model on the other buffer, at the previous step, whole. Once all are there each
+    replica points its model's parameters at that buffer (no copy: the replicas of a node hold one
+    set of parameters between them); `release` gives the model its own copy again."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
-                 chunks: Sequence[tuple[int, int]], rank: int, buffers: Sequence[np.ndarray]):
-        """`chunks`: each replica's [lo, hi) of the flat gradient (reduce.chunk_bounds); `buffers`:
-        this replica's two chunk buffers (one per step parity)."""
-        self.optimizer, self.params = optimizer, [p.detach().view(-1) for p in params]
+                 chunks: Sequence[tuple[int, int]], rank: int):
+        """`chunks`: each replica's [lo, hi) of the flat gradient (reduce.chunk_bounds)."""
+        self.optimizer, self.model = optimizer, list(params)
         numels = [p.numel() for p in params]
-        self.slices = [chunk_slices(numels, lo, hi) for lo, hi in chunks]
-        self.mine = self.slices[rank]
+        self.offsets = np.cumsum([0] + numels)
+        self.mine = chunk_slices(numels, *chunks[rank])
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.group_of = [group_of[id(p)] for p in params]
         self.groups = sorted({self.group_of[index] for index, *_ in self.mine})  # the real groups in the chunk
-        # per parity: a view of the buffer per piece of the chunk, and an SGD over them (None: no piece)
-        self.views = [[torch.from_numpy(b)[offset:offset + end - start] for _, start, end, offset in self.mine]
-                      for b in buffers]
-        self.shards = [self._shard(views) for views in self.views]
+        self.bound: dict[int, tuple] = {}  # per parameter buffer (by address): its views and shard
+        self.shared = False  # whether the model's parameters are views of a wire's buffer
 
-    def _shard(self, views: list[torch.Tensor]) -> Optional[torch.optim.SGD]:
-        if not views:
-            return None
-        groups = {g: [] for g in self.groups}
-        for (index, *_), view in zip(self.mine, views):
-            groups[self.group_of[index]].append(view)
-        return torch.optim.SGD([{"params": groups[g]} for g in self.groups], lr=0.0)
+    def _bind(self, buffer: np.ndarray) -> tuple[list[torch.Tensor], Optional[torch.optim.SGD], list[torch.Tensor]]:
+        """For a parameter buffer: a view per piece of this replica's chunk, an SGD over them (None:
+        no piece), and a view per parameter, shaped as the model's."""
+        key = buffer.ctypes.data
+        if key not in self.bound:
+            flat = torch.from_numpy(buffer)
+            views = [flat[self.offsets[index] + start:self.offsets[index] + end] for index, start, end, _ in self.mine]
+            groups = {g: [] for g in self.groups}
+            for (index, *_), view in zip(self.mine, views):
+                groups[self.group_of[index]].append(view)
+            shard = torch.optim.SGD([{"params": groups[g]} for g in self.groups], lr=0.0) if views else None
+            shaped = [flat[lo:lo + p.numel()].view_as(p) for lo, p in zip(self.offsets, self.model)]
+            self.bound[key] = views, shard, shaped
+        return self.bound[key]
 
-    def step(self, step: int, reduced: torch.Tensor, finite: bool) -> None:
-        """Step this replica's chunk of the parameters, in the buffer of `step`'s parity, with
-        `reduced` (its chunk of the all-reduced gradient) unless not `finite`."""
-        shard, views = self.shards[step % 2], self.views[step % 2]
+    def step(self, buffer: np.ndarray, reduced: torch.Tensor, finite: bool) -> None:
+        """Step this replica's chunk of the parameters into `buffer` with `reduced` (its chunk of
+        the all-reduced gradient), unless not `finite`: then the chunk goes there as it is."""
+        views, shard, _ = self._bind(buffer)
         for (index, start, end, _), view in zip(self.mine, views):  # the chunk as the model holds it now
-            view.copy_(self.params[index][start:end])
+            view.copy_(self.model[index].detach().view(-1)[start:end])
         if finite and shard is not None:
             for (_, start, end, offset), view in zip(self.mine, views):
                 view.grad = reduced[offset:offset + end - start]
@@ -106,16 +116,31 @@ class ShardedUpdate:
                 shard_group.update({k: v for k, v in self.optimizer.param_groups[g].items() if k != "params"})
             shard.step()
 
-    def take(self, rank: int, chunk: np.ndarray) -> None:
-        """Copy replica `rank`'s stepped chunk into the model's parameters."""
-        source = torch.from_numpy(chunk)
-        for index, start, end, offset in self.slices[rank]:
-            self.params[index][start:end].copy_(source[offset:offset + end - start])
+    def take(self, buffer: np.ndarray) -> None:
+        """Point the model's parameters at `buffer`, every chunk of it stepped."""
+        for param, view in zip(self.model, self._bind(buffer)[2]):
+            param.data = view
+        self.shared = True
+
+    def release(self) -> None:
+        """Give the model parameters of its own again (a copy of the shared ones): before the wire
+        goes, or a state is loaded into the model."""
+        if self.shared:
+            for param in self.model:
+                param.data = param.detach().clone()
+            self.shared = False
 
     def apply(self, wire: SharedMemoryWire, step: int, reduced: torch.Tensor, finite: bool) -> None:
-        """Step this replica's chunk (see step), then take every replica's from `wire`."""
-        self.step(step, reduced, finite)
-        wire.gather_params(step, self.take)
+        """Step this replica's chunk into the wire's buffer of `step`, then take the buffer once
+        every replica's chunk is there."""
+        self.step(wire.params[step % 2], reduced, finite)
+        self.take(wire.gather_params(step))
+
+
+def release(update: Optional[ShardedUpdate]) -> None:
+    """The model's parameters its own again where `update` shares them (ShardedUpdate.release)."""
+    if update is not None:
+        update.release()
 
 
 def shared_wire(learner: Learner, prefix: str, position: int, world: int, step: int
@@ -128,6 +153,5 @@ def shared_wire(learner: Learner, prefix: str, position: int, world: int, step: 
     grad = learner.host_grad
     wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=step, world=world,
                             sharded=unsharded is None)
-    update = None if unsharded else ShardedUpdate(learner.optimizer, learner.grads.params, wire.chunks, position,
-                                                  wire.own.params)
+    update = None if unsharded else ShardedUpdate(learner.optimizer, learner.grads.params, wire.chunks, position)
     return wire, update, unsharded
