@@ -5,11 +5,20 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.builtins import linear, linear_data
-from raytorch.device import HUGE_PAGES, gpu_index, replica_env, replica_resources, resolve_device, whole_gpus
+from raytorch.device import (
+    HUGE_PAGES,
+    gpu_index,
+    replica_env,
+    replica_resources,
+    resolve_device,
+    wants_huge_pages,
+    whole_gpus,
+)
 from raytorch.placement import describe_bundles, shortfall
 
 
@@ -49,8 +58,9 @@ def test_whole_gpu_replicas_see_their_node_and_pick_their_own_by_ray_id():
     shared = TrainConfig(workers=2, device="cuda", gpus_per_replica=0.5)
     mixed = TrainConfig(workers=2, devices="cuda,cpu")
     assert replica_env(whole, 0)["env_vars"]["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    assert replica_env(whole, 0, huge_pages=False) == {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in replica_env(shared, 0)["env_vars"]
-    assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in replica_env(mixed, 1)["env_vars"]
+    assert replica_env(shared, 0, huge_pages=False) is None and replica_env(mixed, 1, huge_pages=False) is None
     assert whole_gpus(whole, [0, 1]) and not whole_gpus(shared, [0, 1]) and not whole_gpus(mixed, [0, 1])
     assert gpu_index("3", None) == 3  # the node shows all its GPUs: the id is the index
     assert gpu_index("6", "4,6, 7") == 1  # the node narrows them: the id's place among them
@@ -58,8 +68,12 @@ def test_whole_gpu_replicas_see_their_node_and_pick_their_own_by_ray_id():
         gpu_index("2", "4,6")
 
 
-def test_replicas_start_with_huge_page_allocation_unless_the_driver_says_otherwise(ray_local, monkeypatch):
+def test_replicas_of_a_large_model_start_with_huge_page_allocation_unless_the_driver_says_otherwise(ray_local,
+                                                                                                    monkeypatch):
     config = TrainConfig(workers=2)
+    # only a model with a tensor of 2 MB or more: a small one keeps the faster start
+    assert wants_huge_pages(torch.nn.Linear(1024, 512).state_dict())
+    assert not wants_huge_pages(torch.nn.Linear(512, 512).state_dict()) and not wants_huge_pages({})
     monkeypatch.delenv(HUGE_PAGES, raising=False)
     env = replica_env(config, 0)
     assert env["env_vars"][HUGE_PAGES] == "1"

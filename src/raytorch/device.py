@@ -80,16 +80,24 @@ def gpu_index(gpu_id: str, visible: Optional[str]) -> int:
 # 85-108 ms (docs/performance.md). Read once, when the process first allocates: it has to be in
 # the replica's environment from its start. The driver's own value, where set, wins.
 HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+HUGE_PAGE_BYTES = 2 * 1024 * 1024  # PyTorch's threshold: smaller buffers never take huge pages
 
 
-def replica_env(config: TrainConfig, rank: int) -> dict:
-    """The runtime_env replica `rank` starts with: PyTorch's huge-page allocation (HUGE_PAGES), and
-    for a whole-GPU replica the node's GPUs in view (SEE_NODE_GPUS); Ray merges these env_vars
-    with the job's."""
-    env = {HUGE_PAGES: os.environ.get(HUGE_PAGES, "1")}
+def wants_huge_pages(state: dict) -> bool:
+    """Whether a model whose state_dict is `state` holds a tensor that huge pages serve (its
+    gradient too): only then is a replica worth its slower start. A replica with an environment of
+    its own cannot take one of the workers Ray starts ahead: ~0.7 s more per run here."""
+    return any(torch.is_tensor(t) and t.numel() * t.element_size() >= HUGE_PAGE_BYTES for t in state.values())
+
+
+def replica_env(config: TrainConfig, rank: int, huge_pages: bool = True) -> Optional[dict]:
+    """The runtime_env replica `rank` starts with (None: Ray's defaults): PyTorch's huge-page
+    allocation (HUGE_PAGES) where `huge_pages` (wants_huge_pages), and for a whole-GPU replica the
+    node's GPUs in view (SEE_NODE_GPUS). Ray merges these env_vars with the job's."""
+    env = {HUGE_PAGES: os.environ.get(HUGE_PAGES, "1")} if huge_pages else {}
     if config.gpus_of(rank) >= 1:
         env[SEE_NODE_GPUS] = "1"
-    return {"env_vars": env}
+    return {"env_vars": env} if env else None
 
 
 def whole_gpus(config: TrainConfig, ranks: Sequence[int]) -> bool:

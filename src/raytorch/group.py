@@ -20,7 +20,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .config import TrainConfig
-from .device import replica_env, replica_resources, whole_gpus
+from .device import replica_env, replica_resources, wants_huge_pages, whole_gpus
 from .errors import ClusterError, PeerError, ReplicaError, ReplicaLost
 from .placement import reserve_replicas
 from .recovery import RecoveryPolicy, until_settled
@@ -331,6 +331,7 @@ class ReplicaGroup(ReplicaCalls):
     def __init__(self, config: TrainConfig, run_name: str, replica_args: dict):
         super().__init__(config)
         self.run_name = run_name
+        self.huge_pages = wants_huge_pages(replica_args.get("init_state") or {})
         # the big arguments go to the object store once: every replica (and replacement) reads them there
         self.replica_args = {name: ray.put(value) if name in SHARED_ARGS and value is not None else value
                              for name, value in replica_args.items()}
@@ -380,7 +381,7 @@ class ReplicaGroup(ReplicaCalls):
             scheduling_strategy=PlacementGroupSchedulingStrategy(bundle[0], placement_group_bundle_index=bundle[1]),
             name=name,
             namespace=self.run_name,
-            runtime_env=replica_env(self.config, rank),
+            runtime_env=replica_env(self.config, rank, self.huge_pages),
         ).remote(rank, self.config, run_name=self.run_name, **self.replica_args)
 
     def rewire(self) -> None:
