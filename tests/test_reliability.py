@@ -202,6 +202,28 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_run(ray_l
     assert_matches_reference(resumed)
 
 
+def test_a_sharded_adam_run_checkpoints_its_whole_state_and_resumes_on_fewer_replicas(ray_local, tmp_path):
+    """Three replicas step their chunks of an MLP and of Adam's state in shared buffers (zero.py);
+    its checkpoints hold the whole state (the optimizer's state_dict reads it there): resumed from
+    step 49 on two replicas, which step everything each, the run ends as one process's does."""
+    run = tmp_path / "run"
+    model_fn, data = partial(mlp, 16, 4, 32), partial(classification_data, 480, 3)
+    job = dict(epochs=3, batch_size=16, lr=0.01, optimizer="adam", seed=3)
+    config = TrainConfig(**job, workers=3, reduction="shared_memory", output_dir=str(run), checkpoint_every=7,
+                         keep_checkpoints=100)
+    full = Trainer(config, model_fn=model_fn, dataset_fn=data, loss_fn=F.cross_entropy, quiet=True).fit()
+    for path in listed(run):
+        if int(path.name[5:14]) > 49:
+            path.unlink()
+    resumed = Trainer(TrainConfig(**job, workers=2, output_dir=str(run)), model_fn=model_fn, dataset_fn=data,
+                      loss_fn=F.cross_entropy, quiet=True, resume_from=str(run)).fit()
+    assert resumed.resumed_from == 49
+    expected, losses = train_reference(model_fn, data(), F.cross_entropy, **job)
+    for result in (full, resumed):
+        assert_same_parameters(result.model, expected)
+        assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
+
+
 def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
     run = tmp_path / "run"
     Trainer(TrainConfig(**{**JOB, "epochs": 1}, output_dir=str(run)), model_fn=partial(torch.nn.Linear, 1, 1),
@@ -310,14 +332,16 @@ def test_a_killed_driver_leaves_nothing_of_the_local_ray_it_started(tmp_path):
     assert not alive, [(p.pid, p.cmdline()[:1]) for p in alive]
 
 
-def test_a_chunk_owner_lost_under_a_sharded_update_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys):
-    """Four replicas each step their own chunk of an MLP's parameters (plain SGD: zero.py);
-    replica-2, which owns one, is killed: replaced, and the run ends as one process's does."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_chunk_owner_lost_under_a_sharded_update_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path, capsys,
+                                                                                        optimizer):
+    """Four replicas each step their own chunk of an MLP's parameters, and of Adam's state
+    (zero.py); replica-2, which owns one, is killed: replaced, and the run ends as one process's does."""
     folder = tmp_path / "gate"
     folder.mkdir()
     (folder / "hold").touch()
     model_fn, data = partial(mlp, 16, 4, 32), partial(classification_data, 480, 3)
-    job = dict(epochs=3, batch_size=16, lr=0.1, optimizer="sgd", seed=3)
+    job = dict(epochs=3, batch_size=16, lr=0.1 if optimizer == "sgd" else 0.01, optimizer=optimizer, seed=3)
     trainer = Trainer(TrainConfig(**job, workers=4, reduction="shared_memory", step_timeout=5.0),
                       model_fn=partial(gated, model_fn, str(folder), 40), dataset_fn=data, loss_fn=F.cross_entropy)
     injector = inject(folder, 4, sigkill, name="replica-2")
@@ -329,4 +353,4 @@ def test_a_chunk_owner_lost_under_a_sharded_update_is_replaced_and_the_run_is_un
     assert len(set(result.replica_digests)) == 1
     [restart] = result.restarts
     assert restart["replaced"] == ["replica-2"] and restart["workers"] == 4
-    assert "each replica steps its own 1/W of the parameters (sharded update)" in capsys.readouterr().out
+    assert "each replica steps its own 1/W of the parameters and optimizer state" in capsys.readouterr().out

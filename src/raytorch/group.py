@@ -579,7 +579,8 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
         shared = gather(actors, [a.share_memory.remote(prefix, p, len(actors)) for p, a in enumerate(actors)])
         paths, unsharded = [replica_paths for replica_paths, _ in shared], shared[0][1]
         if len(actors) > 2:  # the same config everywhere: the same answer
-            why += ("; each replica steps its own 1/W of the parameters (sharded update)" if unsharded is None
+            why += ("; each replica steps its own 1/W of the parameters and optimizer state (sharded update)"
+                    if unsharded is None
                     else f"; every replica steps all the parameters ({unsharded})")
         pids = {position: info["pid"] for position, info in enumerate(infos)}
         gather(actors, [a.attach_peers.remote(dict(enumerate(paths)), pids) for a in actors])

@@ -105,36 +105,43 @@ class SharedMemoryWire:
     kind = "shared_memory"
 
     def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0, world: int = 1,
-                 sharded: bool = False):
+                 shared: Sequence[str] = ()):
         """Buffers for the replica at wire position `rank` of `world`, whose next gradient is for
-        global step `step`; `sharded`: the replicas step their own chunk of the parameters (zero.py)."""
+        global step `step`; `shared`: with a sharded update (zero.py), the names of what the replicas
+        step together in shared buffers ('params', then the optimizer's state by its keys)."""
         self.rank = rank
         self.chunks = chunk_bounds(numel, world)
-        # with a sharded update, the replica at position 0 also makes the two parameter buffers
-        # every replica's model lives in (see gather_params)
-        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + ("params0", "params1") * (
-            sharded and rank == 0)
+        # with a sharded update, the replica at position 0 also makes the buffers (two of each
+        # shared name) every replica's model and optimizer state live in (see gather_params)
+        names = ("grad0", "grad1", "reduced0", "reduced1", "control") + tuple(
+            f"{name}{parity}" for name in shared for parity in (0, 1)) * (rank == 0)
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
         grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
         chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),)) for p in self.paths[2:4]]
         control = np.memmap(self.paths[4], dtype=np.int64, mode="w+", shape=(CONTROL,))
         control[:LOSS] = [step - 1, step - 1, 0, step - 1]
         self.own = Buffers(grads, chunks, control)
-        self.params = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[5:]]
+        self.shared_names = list(shared)
+        self.shared = self._map(self.paths[5:], dtype, numel, "w+")  # name -> its two buffers, by parity
         self.peers: dict[int, Buffers] = {rank: self.own}
         self.pids: dict[int, int] = {}
         self.abandoned: set[int] = set()  # peers the driver declared dead (hung): stop waiting for them
         self.waited = 0.0  # seconds spent waiting for peers, in all: not this replica's own work
-        self.buffer_bytes = sum(a.nbytes for a in grads + chunks + self.params)
+        self.buffer_bytes = sum(a.nbytes for a in grads + chunks + sum(self.shared.values(), []))
 
     def _size(self, rank: int) -> int:
         """Elements of the reduced buffer of the replica at `rank`: its chunk (a file cannot be empty)."""
         lo, hi = self.chunks[rank]
         return max(1, hi - lo)
 
+    def _map(self, paths: Sequence[str], dtype: np.dtype, numel: int, mode: str) -> dict[str, list[np.ndarray]]:
+        """The shared buffers at `paths` (two per name of shared_names, in order), mapped."""
+        buffers = [np.memmap(path, dtype=dtype, mode=mode, shape=(numel,)) for path in paths]
+        return {name: buffers[2 * i:2 * i + 2] for i, name in enumerate(self.shared_names) if buffers}
+
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
-        """Map every peer's buffers and control block, read-only, and position 0's parameter
-        buffers (where it made them) read-write; remember each peer's pid to notice its death."""
+        """Map every peer's buffers and control block, read-only, and the shared buffers position 0
+        made (a sharded update's) read-write; remember each peer's pid to notice its death."""
         grad = self.own.grads[0]
         self.pids = dict(pids_by_rank)
         for rank, paths in paths_by_rank.items():
@@ -143,8 +150,8 @@ class SharedMemoryWire:
                 chunks = [np.memmap(p, dtype=grad.dtype, mode="r", shape=(self._size(rank),)) for p in paths[2:4]]
                 control = np.memmap(paths[4], dtype=np.int64, mode="r", shape=(CONTROL,))
                 self.peers[rank] = Buffers(grads, chunks, control)
-                if paths[5:] and not self.params:
-                    self.params = [np.memmap(p, dtype=grad.dtype, mode="r+", shape=grad.shape) for p in paths[5:]]
+                if paths[5:] and not self.shared:
+                    self.shared = self._map(paths[5:], grad.dtype, grad.size, "r+")
 
     def unlink(self) -> None:
         """Remove the names once every peer has mapped them: the mappings live on, and nothing is
@@ -204,18 +211,18 @@ class SharedMemoryWire:
             weighted_sum([grad[lo:hi] for grad, _ in read], grad_weights, out=mine)
         return weighted_loss(loss_weights, [loss for _, loss in read]), mine
 
-    def gather_params(self, step: int) -> np.ndarray:
-        """Publish that this replica has stepped its chunk of the parameters into the buffer of
-        `step`'s parity (params[step % 2]), wait until every peer has stepped its own, and return
-        that buffer: whole now, each chunk stepped once, by its owner. No model is moved onto it
-        before every chunk is there, so a peer lost on the way leaves every model at the previous
-        step. The buffer is written again at step `step` + 2, by a replica that has read every
-        peer's gradient of that step: every peer has moved its model off it by then (onto the
-        buffer of step `step` + 1)."""
+    def gather_params(self, step: int) -> dict[str, np.ndarray]:
+        """Publish that this replica has stepped its chunk of the parameters (and of the optimizer's
+        state) into the shared buffers of `step`'s parity, wait until every peer has stepped its
+        own, and return those buffers by name: whole now, each chunk stepped once, by its owner. No
+        model is moved onto them before every chunk is there, so a peer lost on the way leaves
+        every model at the previous step. They are written again at step `step` + 2, by a replica
+        that has read every peer's gradient of that step: every peer has moved its model off them
+        by then (onto the buffers of step `step` + 1)."""
         self.own.control[REDUCED] = step
         for rank, peer in sorted(self.peers.items()):
             self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to step its chunk of step {step}")
-        return self.params[step % 2]
+        return {name: pair[step % 2] for name, pair in self.shared.items()}
 
     def applied(self, step: int) -> None:
         self.own.control[APPLIED] = step
