@@ -9,7 +9,7 @@ import torch
 from raytorch.collective import buckets
 from raytorch.plan import plan_steps, steps_per_call
 from raytorch.reduce import chunk_bounds, weighted_sum
-from raytorch.wire import PeerFailed, SharedMemoryWire, choose, shared_memory_available
+from raytorch.wire import PeerFailed, SharedMemoryWire, choose, shared_memory_available, shared_memory_shortfall
 
 
 def test_plan_carries_each_steps_reduce_into_the_next_step():
@@ -177,6 +177,24 @@ def test_auto_picks_shared_memory_on_one_node_and_gloo_across_nodes():
     assert choose("object_store", nodes=4, shared_memory=True) == ("object_store", "as asked")
     with pytest.raises(ValueError, match="'shared_memory' needs all replicas on one x86 node.*on 2 node"):
         choose("shared_memory", nodes=2, shared_memory=True)
+
+
+def test_a_dev_shm_too_small_for_the_wire_picks_gloo_or_says_so_before_any_step():
+    """The shared-memory wire's files are sparse: past /dev/shm's room a replica would die of SIGBUS
+    mid-run. 4 replicas, 100 MiB of gradient: 2 gradients and 2 reduced chunks each (1,000 MiB),
+    plus the sharded update's shared buffers (Adam: parameters and 2 moments, two of each: 600)."""
+    mib = 2**20
+    infos = [{"grad_bytes": 100 * mib, "shared_buffers": 6, "shm_free": 64 * mib} for _ in range(4)]
+    short = shared_memory_shortfall(infos)
+    assert short.startswith("/dev/shm has 64 MiB free and the shared-memory wire of 4 replicas needs ~1,600 MiB")
+    assert shared_memory_shortfall([{**i, "shm_free": 1600 * mib} for i in infos]) is None
+    assert shared_memory_shortfall([{**i, "shm_free": 1599 * mib} for i in infos]) is not None
+    # two replicas: no sharded update, no shared buffers (2 x (200 + 100) MiB)
+    assert shared_memory_shortfall([{**i, "shm_free": 600 * mib} for i in infos[:2]]) is None
+    wire, why = choose("auto", nodes=1, shared_memory=True, short=short)
+    assert wire == "collective" and why.startswith("/dev/shm has 64 MiB free") and "gloo" in why
+    with pytest.raises(ValueError, match="'shared_memory' needs .* room in /dev/shm; /dev/shm has 64 MiB free"):
+        choose("shared_memory", nodes=1, shared_memory=True, short=short)
 
 
 def test_auto_picks_nccl_where_every_replica_holds_a_whole_gpu():

@@ -27,7 +27,7 @@ from .recovery import RecoveryPolicy, until_settled
 from .replica import Replica
 from .report import replica_name, stuck_in
 from .snapshot import Snapshot
-from .wire import PEER_TIMEOUT_S, SHM_DIR, choose
+from .wire import PEER_TIMEOUT_S, SHM_DIR, choose, shared_memory_shortfall
 
 START_TIMEOUT_S = 300.0
 DRAIN_LOOK_S = 2.0  # how often to ask Ray which nodes are draining (their replicas are moved)
@@ -565,7 +565,8 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
     on_gpus = whole_gpus(config, [info["rank"] for info in infos])
     try:
         wire, why = choose(config.reduction, len({info["node_id"] for info in infos}),
-                           all(info["shared_memory"] for info in infos), on_gpus, config.sync_batchnorm)
+                           all(info["shared_memory"] for info in infos), on_gpus, config.sync_batchnorm,
+                           shared_memory_shortfall(infos))
     except ValueError as e:
         raise ClusterError(str(e)) from e
     if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous

@@ -29,8 +29,8 @@ from .learner import Learner
 from .report import replica_name
 from .snapshot import Snapshot
 from .telemetry import ReplicaMetrics
-from .wire import ObjectStoreWire, PeerFailed, shared_memory_available
-from .zero import release, shared_wire
+from .wire import ObjectStoreWire, PeerFailed
+from .zero import release, shared_memory_report, shared_wire
 
 # Global losses of the last steps this replica applied: what the driver had not gathered yet
 # when a peer died comes from here (calls in flight hold far fewer steps).
@@ -154,7 +154,7 @@ class Replica:
         """Where this replica runs: answered once it is fully built."""
         return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-                "shared_memory": shared_memory_available()}  # judged where the replica runs
+                **shared_memory_report(self.learner)}  # judged where the replica runs
 
     @_reported
     @ray.method(num_returns=2)  # innermost: Ray reads it from the unwrapped function

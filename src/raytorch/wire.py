@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -281,16 +281,17 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: bool = False
-           ) -> tuple[str, str]:
+def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: bool = False,
+           short: Optional[str] = None) -> tuple[str, str]:
     """The wire for TrainConfig.reduction `reduction` with the replicas on `nodes` nodes (and /dev/shm
-    usable by all where `shared_memory`; each on a GPU of its own where `whole_gpus`; a process group
-    needed where `group`: sync_batchnorm), and why, in words. ValueError where shared memory is
-    asked for and cannot work."""
-    local = nodes == 1 and shared_memory
+    usable by all where `shared_memory`, unless `short` says why it is too small; each on a GPU of
+    its own where `whole_gpus`; a process group needed where `group`: sync_batchnorm), and why, in
+    words. ValueError where shared memory is asked for and cannot work."""
+    local = nodes == 1 and shared_memory and short is None
     if reduction == "shared_memory" and not local:
-        raise ValueError(f"reduction 'shared_memory' needs all replicas on one x86 node with /dev/shm; they are on "
-                         f"{nodes} node(s): use reduction 'auto', 'collective' or 'object_store'")
+        where = short if nodes == 1 and shared_memory else f"they are on {nodes} node(s)"
+        raise ValueError(f"reduction 'shared_memory' needs all replicas on one x86 node with room in /dev/shm; "
+                         f"{where}: use reduction 'auto', 'collective' or 'object_store'")
     if reduction != "auto":
         return reduction, "as asked" + (" (NCCL: every replica holds a whole GPU)" if whole_gpus
                                         and reduction == "collective" else "")
@@ -300,8 +301,32 @@ def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = F
         return "collective", "sync_batchnorm: batch statistics and gradients travel on a gloo process group"
     if local:
         return "shared_memory", "all replicas on one node read each other's gradients in /dev/shm"
-    where = f"replicas on {nodes} nodes" if nodes > 1 else "no shared memory usable here"
+    where = f"replicas on {nodes} nodes" if nodes > 1 else short or "no shared memory usable here"
     return "collective", f"{where}: a gloo ring all-reduce among them, ~2 gradients a replica a step"
+
+
+def shared_memory_room() -> int:
+    """Bytes free in /dev/shm here (0 where there is none): what the shared-memory wire may map."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
+def shared_memory_shortfall(infos: Sequence[dict]) -> Optional[str]:
+    """Why /dev/shm cannot hold the shared-memory wire of the replicas `infos` describe (Replica.ready:
+    its free bytes, the gradient's bytes, and the model-sized buffers a sharded update would add
+    past two replicas), in words; None where it can. The files are sparse: past the room, a replica
+    would die of SIGBUS when it first writes there, not fail at the start."""
+    world, grad = len(infos), max(info["grad_bytes"] for info in infos)
+    need = world * (2 * grad + 2 * -(-grad // world)) + (max(info["shared_buffers"] for info in infos) * grad
+                                                        if world > 2 else 0)
+    room = min(info["shm_free"] for info in infos)
+    if need <= room:
+        return None
+    return (f"/dev/shm has {room / 2**20:,.0f} MiB free and the shared-memory wire of {world} replicas needs "
+            f"~{need / 2**20:,.0f} MiB (a container's is often 64 MiB: docker run --shm-size)")
 
 
 def shared_memory_available() -> bool:
