@@ -222,6 +222,10 @@ class SharedMemoryWire:
         self.own.control[REDUCED] = step
         for rank, peer in sorted(self.peers.items()):
             self._wait(rank, lambda c=peer.control: c[REDUCED] >= step, f"to step its chunk of step {step}")
+        return self.shared_of(step)
+
+    def shared_of(self, step: int) -> dict[str, np.ndarray]:
+        """The shared buffers (a sharded update's) of `step`'s parity, by name."""
         return {name: pair[step % 2] for name, pair in self.shared.items()}
 
     def applied(self, step: int) -> None:

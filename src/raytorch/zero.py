@@ -191,7 +191,7 @@ class ShardedUpdate:
     def apply(self, wire: SharedMemoryWire, step: int, reduced: torch.Tensor, finite: bool) -> None:
         """Step this replica's chunk into the wire's buffers of `step`, then take the buffers once
         every replica's chunk is there."""
-        self.step({name: pair[step % 2] for name, pair in wire.shared.items()}, reduced, finite)
+        self.step(wire.shared_of(step), reduced, finite)
         self.take(wire.gather_params(step))
 
 
