@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytorch import TrainConfig
+from raytorch import TrainConfig, learner
 from raytorch.builtins import linear_data, mlp
 from raytorch.data import ArrayDataset
 from raytorch.learner import attach_flat_grad
@@ -22,7 +22,11 @@ def test_grads_are_views_into_one_flat_buffer_through_backward():
     assert torch.equal(flat, torch.cat([p.grad.flatten() for p in model.parameters()]))
 
 
-def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones():
+@pytest.mark.parametrize("per_param", [0, 1 << 30], ids=["hooks", "in_place"])
+def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones(monkeypatch, per_param):
+    """Both ways a gradient gets into the flat buffer (learner.IN_PLACE_PER_PARAM picks by size)."""
+    monkeypatch.setattr(learner, "IN_PLACE_PER_PARAM", per_param)
+
     class Partly(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -38,6 +42,7 @@ def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones
     replica = Replica(0, config, model_fn=Partly, loss_fn=lambda out, y: out.pow(2).mean() + 0 * y.sum(),
                       init_state=Partly().state_dict(), train_set=ArrayDataset(x.numpy(), np.asarray(data.y)),
                       eval_set=data, total_steps=1)
+    assert replica.learner.grads.in_place == bool(per_param)
     replica.learner.flat_grad.fill_(7.0)  # stale: the unused parameters' part must come back zero
     ready = []
     replica.learner.grads.on_ready = ready.append
@@ -51,6 +56,15 @@ def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones
     assert sorted(ready) == [0, 1, 2, 3]  # every parameter once, the unused ones too
     for p in replica.model.parameters():  # the optimizer reads the flat buffer
         assert p.grad.untyped_storage().data_ptr() == replica.learner.flat_grad.untyped_storage().data_ptr()
+    replica.model.zero_grad()  # a user's step may let the .grad go: the next gradient lands all the same
+    out = torch.full_like(want, 3.0)
+    replica.learner.gradient(np.arange(6), 1.0, into=out)
+    torch.testing.assert_close(out, want)
+    assert torch.isfinite(replica.learner.grads.checksum)
+    with torch.no_grad():
+        replica.model.used.weight[0, 0] = float("nan")
+    replica.learner.gradient(np.arange(6), 1.0)
+    assert not torch.isfinite(replica.learner.grads.checksum)  # NaN is caught either way
 
 
 def _initial(config, model_fn):
