@@ -3,8 +3,9 @@
 A ray.cluster_utils.Cluster on 127.0.0.1 in this process: a head with no CPU (it runs the driver,
 as in cluster.yaml) and 4 nodes of 1 CPU, so 4 replicas run one per node and every gradient byte
 between them crosses nodes (Ray's object manager, or gloo's TCP connections). The 17 MB-gradient
-MLP, global batch 16, SGD; raytorch over the object-store wire and the collective (gloo) wire,
-and Ray Train (TorchTrainer + DDP over gloo) on the same cluster. Prints one JSON line.
+MLP, global batch 16, SGD; raytorch over the object-store wire and the collective (gloo) wire
+(gradients as computed, and in bfloat16: --grad-dtype bf16), and Ray Train (TorchTrainer + DDP
+over gloo) on the same cluster. Prints one JSON line.
 
     RAY_TMPDIR=/tmp/rt-bench python benchmarks/multinode.py --rounds 2
 """
@@ -46,6 +47,7 @@ def main() -> None:
         runs = {
             "raytorch object_store": lambda _: systems.raytorch(workload, NODES, "object_store"),
             "raytorch collective": lambda _: systems.raytorch(workload, NODES, "collective"),
+            "raytorch collective bf16": lambda _: systems.raytorch(workload, NODES, "collective", "bf16"),
             "ray train": lambda storage: systems.ray_train(workload, NODES, storage),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}

@@ -120,12 +120,13 @@ def ray_train(workload: Workload, workers: int, storage: str, model_fn=None) -> 
     return {"seconds": metrics["seconds"], "first_step_s": metrics["first_step_at"] - called}
 
 
-def raytorch(workload: Workload, workers: int, reduction: str) -> dict:
+def raytorch(workload: Workload, workers: int, reduction: str, grad_dtype: str = "fp32") -> dict:
     """raytorch: epoch 0 is the warm-up, epoch 1 is measured (the same steps again)."""
     from raytorch import TrainConfig, Trainer
 
     config = TrainConfig(workers=workers, epochs=2, batch_size=workload.batch_size, lr=workload.lr,
-                         optimizer="sgd", lr_schedule="constant", shuffle=False, reduction=reduction)
+                         optimizer="sgd", lr_schedule="constant", shuffle=False, reduction=reduction,
+                         grad_dtype=grad_dtype)
     result = Trainer(config, model_fn=workload.model_fn, loss_fn=workload.loss_fn,
                      dataset_fn=lambda: workload.data_fn(workload.steps * workload.batch_size), quiet=True).fit()
     return {"seconds": result.epoch_times_s[1], "first_step_s": result.time_to_first_step_s}

@@ -54,7 +54,8 @@ def main() -> int:
                              "(benchmarks/faults.py)")
     parser.add_argument("--multinode", action="store_true",
                         help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
-                             "object-store and collective wires vs Ray Train (benchmarks/multinode.py)")
+                             "object-store and collective wires (fp32 and bf16 gradients) vs Ray Train "
+                             "(benchmarks/multinode.py)")
     args = parser.parse_args()
     if args.multinode:  # a cluster of its own, in a process of its own: this one holds no Ray
         return multinode(args.rounds, args.json)
@@ -142,7 +143,8 @@ def multinode(rounds: int, path: str) -> int:
         print(f"  {system:24s} {rate:7.2f}")
     collective = median["raytorch collective"]
     print(f"  collective / object store {collective / median['raytorch object_store']:.2f}x, "
-          f"collective / Ray Train {collective / median['ray train']:.2f}x")
+          f"collective / Ray Train {collective / median['ray train']:.2f}x, "
+          f"bf16 gradients / fp32 {median['raytorch collective bf16'] / collective:.2f}x")
     return 0
 
 

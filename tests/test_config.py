@@ -31,6 +31,8 @@ from raytorch.config import field_docs
     ({"workers": 2, "devices": "cuda,cpu", "spares": 1}, "spares"),
     ({"workers": 2, "devices": "cuda,cpu", "cpus_per_replica": 0}, "cpus_per_replica"),
     ({"workers": 2, "devices": "cpu,cpu", "gpus_per_replica": 0.5}, "gpus_per_replica"),
+    ({"grad_dtype": "fp16"}, "grad_dtype"),
+    ({"grad_dtype": "bf16", "reduction": "shared_memory"}, "grad_dtype"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ConfigError) as info:

@@ -5,8 +5,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
-from raytorch.collective import buckets
+from raytorch.collective import Buckets, buckets
 from raytorch.plan import plan_steps, steps_per_call
 from raytorch.reduce import chunk_bounds, weighted_sum
 from raytorch.wire import PeerFailed, SharedMemoryWire, choose, shared_memory_available, shared_memory_shortfall
@@ -197,6 +198,11 @@ def test_a_dev_shm_too_small_for_the_wire_picks_gloo_or_says_so_before_any_step(
         choose("shared_memory", nodes=1, shared_memory=True, short=short)
 
 
+def test_a_run_that_needs_a_process_group_gets_the_collective_wire_and_says_why():
+    wire, why = choose("auto", nodes=1, shared_memory=True, group="grad_dtype bf16: gradients in bfloat16")
+    assert (wire, why) == ("collective", "grad_dtype bf16: gradients in bfloat16: they travel on a gloo process group")
+
+
 def test_auto_picks_nccl_where_every_replica_holds_a_whole_gpu():
     for nodes in (1, 3):
         wire, why = choose("auto", nodes=nodes, shared_memory=True, whole_gpus=True)
@@ -212,3 +218,27 @@ def test_buckets_cover_the_gradient_from_the_last_parameter_back():
     assert buckets(bounds, most=100) == [(0, 12)]
     assert buckets(bounds, most=1) == [(10, 12), (4, 10), (3, 4), (0, 3)]
     assert buckets([]) == []
+
+
+def test_bf16_buckets_round_the_gradient_on_the_wire_and_keep_the_loss_exact(tmp_path):
+    """grad_dtype bf16: each bucket is all-reduced as bfloat16 (here a group of one: the sum is the
+    value), then copied back: the gradient comes back rounded to bfloat16, the loss (the buffer's
+    last element) as it was; with no wire dtype nothing is rounded."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        bounds = [(0, 3), (3, 4), (4, 10)]
+        values = torch.linspace(1.0, 2.0, 11, dtype=torch.float32) + 1e-3  # not bfloat16 numbers
+        for wire_dtype in (torch.bfloat16, None):
+            buffer = values.clone()
+            group = Buckets(bounds, buffer, wire_dtype)
+            group.begin()
+            group.ready(2)  # the last parameter first: its bucket may start
+            for index in (1, 0):
+                group.ready(index)
+            group.finish()
+            rounded = values[:-1].to(torch.bfloat16).float() if wire_dtype else values[:-1]
+            assert torch.equal(buffer[:-1], rounded)
+            assert buffer[-1].item() == values[-1].item()
+        assert not torch.equal(values[:-1].to(torch.bfloat16).float(), values[:-1])  # so the test can tell
+    finally:
+        dist.destroy_process_group()

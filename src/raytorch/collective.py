@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,10 +50,16 @@ def buckets(bounds: Sequence[tuple[int, int]], most: int = BUCKET_ELEMENTS) -> l
 class Buckets:
     """The order the buckets are all-reduced in, one step at a time: bucket b starts once all its
     parameters' gradients are in the buffer and buckets 0..b-1 have started, so every replica
-    issues the same operations in the same order (gloo and NCCL match them by order)."""
+    issues the same operations in the same order (gloo and NCCL match them by order).
 
-    def __init__(self, bounds: Sequence[tuple[int, int]], buffer: torch.Tensor):
+    With a `wire_dtype` (bfloat16) a bucket is rounded into a buffer of that dtype, all-reduced
+    there, and copied back once it is done: half the bytes on the wire, a sum in that dtype."""
+
+    def __init__(self, bounds: Sequence[tuple[int, int]], buffer: torch.Tensor,
+                 wire_dtype: Optional[torch.dtype] = None):
         self.buffer = buffer
+        self.wire = None if wire_dtype is None else torch.empty(buffer.numel() - 1, dtype=wire_dtype,
+                                                                device=buffer.device)
         self.ranges = buckets(bounds)
         starts = [lo for lo, _ in self.ranges]
         # each parameter's bucket: the one whose range holds its first element
@@ -69,18 +75,26 @@ class Buckets:
         """Parameter `index`'s gradient is in the buffer: start every bucket now complete, in order."""
         self.waiting[self.bucket_of[index]] -= 1
         while len(self.started) < len(self.ranges) and self.waiting[len(self.started)] == 0:
-            lo, hi = self.ranges[len(self.started)]
+            self._start(*self.ranges[len(self.started)])
+
+    def _start(self, lo: int, hi: int) -> None:
+        if self.wire is None:
             self.started.append(dist.all_reduce(self.buffer[lo:hi], async_op=True))
+        else:
+            self.started.append(dist.all_reduce(self.wire[lo:hi].copy_(self.buffer[lo:hi]), async_op=True))
 
     def finish(self) -> None:
         """Start what has not started (all of it on a replica with no sample, or one whose gradient
-        was copied in whole), then the loss in the buffer's last element, and wait for all."""
+        was copied in whole), then the loss in the buffer's last element (in the buffer's dtype
+        always), and wait for all."""
         for lo, hi in self.ranges[len(self.started):]:
-            self.started.append(dist.all_reduce(self.buffer[lo:hi], async_op=True))
+            self._start(lo, hi)
         self.started.append(dist.all_reduce(self.buffer[-1:], async_op=True))
         for work in self.started:
             work.wait()
         self.started = []
+        if self.wire is not None:
+            self.buffer[:-1].copy_(self.wire)
 
 
 def free_port(host: str) -> int:
@@ -91,14 +105,15 @@ def free_port(host: str) -> int:
 
 
 def join(learner: Learner, position: int, world: int, address: str, port: int, timeout_s: float,
-         backend: str = "gloo") -> CollectiveWire:
+         backend: str = "gloo", grad_dtype: str = "fp32") -> CollectiveWire:
     """`learner`'s wire in a (fresh) group of `world` replicas at `position`, meeting at
     address:port: gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the
-    device). Its gradients come weighted by their share of the batch from now on."""
+    device); gradients in bfloat16 on the wire with `grad_dtype` 'bf16' (TrainConfig.grad_dtype).
+    Its gradients come weighted by their share of the batch from now on."""
     if backend == "nccl":
         learner.reduce_on_device()
     wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
-                          backend)
+                          backend, torch.bfloat16 if grad_dtype == "bf16" else None)
     learner.prescaled = True
     if syncbn.synchronized(learner.model):  # sync_batchnorm: BatchNorm's statistics travel on the group too
         syncbn.join(backend)
@@ -115,10 +130,11 @@ class CollectiveWire:
     waited = 0.0  # the all-reduce waits inside gloo: counted as the replica's own (fixed) work
 
     def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor,
-                 bounds: Sequence[tuple[int, int]], backend: str = "gloo"):
+                 bounds: Sequence[tuple[int, int]], backend: str = "gloo", wire_dtype: Optional[torch.dtype] = None):
         """`buffer`: the replica's gradient and one element more (Learner.host_buffer), `bounds`
         each parameter's place in it. On a CPU replica, or with NCCL, it is the gradient itself:
-        all-reduced in place, bucket by bucket as backward fills it (`ready`)."""
+        all-reduced in place, bucket by bucket as backward fills it (`ready`); `wire_dtype`: see
+        Buckets."""
         close()  # the previous generation's group, if any
         device = {"device_id": buffer.device} if backend == "nccl" else {}
         if backend == "nccl":
@@ -126,7 +142,7 @@ class CollectiveWire:
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
                                 timeout=timedelta(seconds=timeout_s), **device)
         self.position, self.buffer, self.backend = position, buffer, backend
-        self.buckets = Buckets(bounds, buffer)
+        self.buckets = Buckets(bounds, buffer, wire_dtype)
         self.ready = self.buckets.ready
         self.buffer_bytes = 0  # the replica's own buffer
         self.loss = 0.0

@@ -20,6 +20,7 @@ ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 ReductionName = Literal["auto", "shared_memory", "collective", "object_store"]
+GradDtypeName = Literal["fp32", "bf16"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
@@ -139,6 +140,9 @@ class TrainConfig:
 
     reduction: ReductionName = "auto"
     """How gradients travel between replicas: 'shared_memory' (all on one node: peers read each other's buffers in /dev/shm, reduce-scatter + all-gather), 'collective' (a torch.distributed group inside the replicas, ring all-reduce: gloo over host memory, any cluster; NCCL on the GPUs where every replica holds a whole GPU), 'object_store' (Ray objects routed by the driver, any cluster), 'auto' (collective with NCCL where every replica holds a whole GPU, else shared_memory where all replicas share a node, else collective with gloo; the console says which and why)."""
+
+    grad_dtype: GradDtypeName = run_defining("fp32")
+    """The gradient on the wire: 'fp32' (as backward computed it: the contract holds), or 'bf16' (rounded to bfloat16 for the all-reduce and summed in bfloat16, as DDP's bf16 compression hook does: half the bytes between nodes, but the run leaves the float contract: it matches one process to bfloat16's ~3 significant digits, not float32's; replicas still agree bit for bit). bf16 travels on the collective wire: 'auto' picks it."""
 
     address: Optional[str] = None
     """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""
@@ -320,6 +324,9 @@ def _check_training(config: TrainConfig) -> None:
     if config.sync_batchnorm and config.reduction not in ("auto", "collective"):
         raise ConfigError("sync_batchnorm", f"its batch statistics travel on the collective wire's process group: "
                                             f"set reduction to 'auto' or 'collective', not {config.reduction!r}")
+    if config.grad_dtype == "bf16" and config.reduction not in ("auto", "collective"):
+        raise ConfigError("grad_dtype", f"bf16 gradients travel on the collective wire: set reduction to 'auto' or "
+                                        f"'collective', not {config.reduction!r}")
     if not config.lr > 0:
         raise ConfigError("lr", f"must be > 0, got {config.lr}")
     for name in ("warmup_steps", "weight_decay"):

@@ -563,17 +563,20 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
     A collective group's operations time out PEER_TIMEOUT_S past step_timeout: the driver finds a
     hung replica (and names it) before its peers' all-reduce gives up on it."""
     on_gpus = whole_gpus(config, [info["rank"] for info in infos])
+    group = ("sync_batchnorm: batch statistics and gradients" if config.sync_batchnorm else
+             "grad_dtype bf16: gradients in bfloat16" if config.grad_dtype == "bf16" else None)
     try:
         wire, why = choose(config.reduction, len({info["node_id"] for info in infos}),
-                           all(info["shared_memory"] for info in infos), on_gpus, config.sync_batchnorm,
+                           all(info["shared_memory"] for info in infos), on_gpus, group,
                            shared_memory_shortfall(infos))
     except ValueError as e:
         raise ClusterError(str(e)) from e
     if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous
         address, port = gather(actors[:1], [actors[0].rendezvous.remote()])[0]
         backend, timeout = "nccl" if on_gpus else "gloo", config.step_timeout + PEER_TIMEOUT_S
-        gather(actors, [a.join_collective.remote(p, len(actors), address, port, timeout, backend)
+        gather(actors, [a.join_collective.remote(p, len(actors), address, port, timeout, backend, config.grad_dtype)
                         for p, a in enumerate(actors)])
+        why += "; gradients in bfloat16 on the wire" if config.grad_dtype == "bf16" else ""
     elif wire == "object_store":
         gather(actors, [a.use_object_store.remote() for a in actors])
     else:

@@ -257,10 +257,10 @@ class Replica:
         return address, free_port(address)
 
     def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float,
-                        backend: str = "gloo") -> None:
+                        backend: str = "gloo", grad_dtype: str = "fp32") -> None:
         """Switch to a (fresh) collective group (collective.join)."""
         self._use(ObjectStoreWire())  # the model its own again, and the wire's settings reset
-        self.wire = collective.join(self.learner, position, world, address, port, timeout_s, backend)
+        self.wire = collective.join(self.learner, position, world, address, port, timeout_s, backend, grad_dtype)
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""

@@ -285,11 +285,11 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: bool = False,
+def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: Optional[str] = None,
            short: Optional[str] = None) -> tuple[str, str]:
     """The wire for TrainConfig.reduction `reduction` with the replicas on `nodes` nodes (and /dev/shm
     usable by all where `shared_memory`, unless `short` says why it is too small; each on a GPU of
-    its own where `whole_gpus`; a process group needed where `group`: sync_batchnorm), and why, in
+    its own where `whole_gpus`; `group`: why the run needs a process group, where it does), and why, in
     words. ValueError where shared memory is asked for and cannot work."""
     local = nodes == 1 and shared_memory and short is None
     if reduction == "shared_memory" and not local:
@@ -302,7 +302,7 @@ def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = F
     if whole_gpus:
         return "collective", "every replica holds a whole GPU: NCCL all-reduces the gradients on the GPUs"
     if group:
-        return "collective", "sync_batchnorm: batch statistics and gradients travel on a gloo process group"
+        return "collective", f"{group}: they travel on a gloo process group"
     if local:
         return "shared_memory", "all replicas on one node read each other's gradients in /dev/shm"
     where = f"replicas on {nodes} nodes" if nodes > 1 else short or "no shared memory usable here"
