@@ -576,7 +576,8 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[dict], prefix: s
         backend, timeout = "nccl" if on_gpus else "gloo", config.step_timeout + PEER_TIMEOUT_S
         gather(actors, [a.join_collective.remote(p, len(actors), address, port, timeout, backend, config.grad_dtype)
                         for p, a in enumerate(actors)])
-        why += "; gradients in bfloat16 on the wire" if config.grad_dtype == "bf16" else ""
+        if config.grad_dtype == "bf16" and "bfloat16" not in why:  # not said yet by the group's reason
+            why += "; gradients in bfloat16 on the wire"
     elif wire == "object_store":
         gather(actors, [a.use_object_store.remote() for a in actors])
     else:
