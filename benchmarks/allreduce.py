@@ -23,8 +23,8 @@ import numpy as np
 import ray
 import torch
 
-from raytorch.reduce import batch_weights
-from raytorch.wire import SharedMemoryWire, sum_whole
+from raytorch.core.reduce import batch_weights
+from raytorch.wire.shared_memory import SharedMemoryWire, sum_whole
 
 WAYS = ("all_to_all", "reduce_scatter", "gloo")
 
@@ -106,7 +106,7 @@ def linear_4096() -> torch.nn.Module:
 def step_seconds(world: int, steps: int = 24) -> float:
     """Seconds per step of raytorch on the 4096 x 4096 linear layer at W = `world` (epoch 1 of 2)."""
     from raytorch import TrainConfig, Trainer
-    from raytorch.data import ArrayDataset
+    from raytorch.data.datasets import ArrayDataset
 
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.normal(size=(8 * steps, 4096)).astype(np.float32),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import TrainConfig, Trainer
-from raytorch.builtins import linear_data
+from raytorch.tasks.builtin import linear_data
 
 JOB = dict(workers=2, epochs=4, batch_size=16, lr=1e-4, optimizer="sgd", seed=3, step_timeout=2.0)  # 120 steps
 DATA = partial(linear_data, 480, 3)

@@ -74,7 +74,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 equality needs real fp32 matmuls
         torch.backends.cudnn.allow_tf32 = False
     scale = 0.05 if args.dry else 1.0
-    from raytorch.cluster import keep_on_loopback
+    from raytorch.group.cluster import keep_on_loopback
 
     keep_on_loopback()
     import ray

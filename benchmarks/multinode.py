@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "src")]
 import ray  # noqa: E402
 
 import systems  # noqa: E402
-from raytorch.cluster import loopback_cluster  # noqa: E402
+from raytorch.group.cluster import loopback_cluster  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 NODES = 4

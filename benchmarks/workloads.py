@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytorch.data import ArrayDataset
+from raytorch.data.datasets import ArrayDataset
 
 
 def seed_linear() -> nn.Module:

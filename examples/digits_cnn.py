@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytorch import TrainConfig, Trainer
-from raytorch.builtins import digits_data
-from raytorch.data import ArrayDataset
+from raytorch.data.datasets import ArrayDataset
+from raytorch.tasks.builtin import digits_data
 
 
 def cnn() -> nn.Module:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from raytorch.builtins import digits_data, mlp
-from raytorch.cluster import ray_session
+from raytorch.group.cluster import ray_session
+from raytorch.tasks.builtin import digits_data, mlp
 from raytorch.tune import trainable
 
 

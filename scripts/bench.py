@@ -59,7 +59,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.multinode:  # a cluster of its own, in a process of its own: this one holds no Ray
         return multinode(args.rounds, args.json)
-    from raytorch.cluster import keep_on_loopback
+    from raytorch.group.cluster import keep_on_loopback
 
     keep_on_loopback()
     import ray

@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--workloads", default="linear,mlp")
     parser.add_argument("--json", default="recovery.json")
     args = parser.parse_args()
-    from raytorch.cluster import keep_on_loopback
+    from raytorch.group.cluster import keep_on_loopback
 
     keep_on_loopback()
     import ray

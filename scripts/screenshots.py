@@ -28,7 +28,7 @@ TRAIN = ["--dataset", "classification", "--model", "mlp", "--epochs", "12", "--b
 
 def main() -> int:
     from browser import chromium, render, token_proxy
-    from raytorch.cluster import keep_on_loopback
+    from raytorch.group.cluster import keep_on_loopback
 
     if not chromium():
         print("needs Chromium (Debian: apt-get install chromium)", file=sys.stderr)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from raytorch.cluster import keep_on_loopback
+from raytorch.group.cluster import keep_on_loopback
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from faults import Gated
 from raytorch import TrainConfig, Trainer
-from raytorch.builtins import linear_data
+from raytorch.tasks.builtin import linear_data
 
 
 def main(address: str, gate: str, output_dir: str) -> None:

@@ -45,8 +45,8 @@ from ray.cluster_utils import Cluster
 from faults import Gated, straggling
 from polling import wait_for
 from raytorch import TrainConfig, Trainer
-from raytorch.builtins import linear, linear_data
-from raytorch.cluster import loopback_cluster
+from raytorch.group.cluster import loopback_cluster
+from raytorch.tasks.builtin import linear, linear_data
 
 # The one job, shared with the test that checks it against plain PyTorch.
 JOB = dict(epochs=3, batch_size=32, lr=1e-4, optimizer="sgd", seed=7)

@@ -16,8 +16,8 @@ from safetensors.torch import load_model
 from torch import nn
 
 from raytorch import Callback, ConfigError, TrainConfig, Trainer
-from raytorch.callbacks import Callbacks, named_callback
 from raytorch.cli import parse_config
+from raytorch.output.callbacks import Callbacks, named_callback
 
 HANG_GUARD_S = 120  # a guard against hangs, not a timing assertion
 

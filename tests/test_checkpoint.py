@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raytorch import CheckpointError
-from raytorch.checkpoint import listed, load, load_latest, save
+from raytorch.persist.checkpoint import listed, load, load_latest, save
 
 
 def payload(value):

@@ -12,8 +12,8 @@ import pytest
 from torch.nn.functional import mse_loss
 
 from raytorch import ClusterError, TrainConfig, Trainer
-from raytorch.builtins import linear, linear_data
 from raytorch.cli import main
+from raytorch.tasks.builtin import linear, linear_data
 
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD_S = 240  # a guard against hangs, not a timing assertion
@@ -116,11 +116,11 @@ def test_batch_larger_than_dataset_with_drop_last(ray_local):
 
 
 def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, monkeypatch, tmp_path, capsys):
-    import raytorch.placement
+    import raytorch.group.placement
 
     marker = tmp_path / "ray_bootstrap_config.yaml"  # what the cluster launcher leaves on the head node
     marker.write_text("{}")
-    monkeypatch.setattr(raytorch.placement, "AUTOSCALER_MARKER", marker)
+    monkeypatch.setattr(raytorch.group.placement, "AUTOSCALER_MARKER", marker)
     config = TrainConfig(workers=64, batch_size=64, resource_timeout=2)
     with pytest.raises(ClusterError, match=r"no room for 64 replicas of 1 CPU each after 2 s: the cluster has 1 node"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=mse_loss, quiet=True).fit()
@@ -142,7 +142,7 @@ class FakeTerminal(__import__("io").StringIO):
 
 
 def test_progress_bar_only_on_a_terminal():
-    from raytorch.report import Progress
+    from raytorch.output.report import Progress
 
     terminal = FakeTerminal()
     bar = Progress(stream=terminal, min_interval_s=0)

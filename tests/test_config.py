@@ -6,7 +6,7 @@ import pytest
 
 from raytorch import ConfigError, TrainConfig
 from raytorch.cli import build_parser, parse_config
-from raytorch.config import field_docs
+from raytorch.config.schema import field_docs
 
 
 @pytest.mark.parametrize("changes,field", [

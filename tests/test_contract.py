@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from raytorch import TrainConfig, Trainer
-from raytorch.builtins import classification_data, linear, linear_data, mlp
+from raytorch.tasks.builtin import classification_data, linear, linear_data, mlp
 from reference import assert_same_parameters, train_reference
 
 # Sizes chosen so the dataset is a multiple of neither B nor W, and (linear, W=3) the last

@@ -101,7 +101,7 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from raytorch import TrainConfig, Trainer
-    from raytorch.builtins import linear, linear_data
+    from raytorch.tasks.builtin import linear, linear_data
 
     config = TrainConfig(workers=2, epochs=2, batch_size=16, lr=1e-4, optimizer="sgd", output_dir=str(tmp_path),
                          tensorboard=True, log_every=4)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import ClusterError, TrainConfig, Trainer
-from raytorch.builtins import linear, linear_data
-from raytorch.device import (
+from raytorch.group.placement import describe_bundles, shortfall
+from raytorch.replica.device import (
     HUGE_PAGES,
     gpu_index,
     replica_env,
@@ -19,7 +19,7 @@ from raytorch.device import (
     wants_huge_pages,
     whole_gpus,
 )
-from raytorch.placement import describe_bundles, shortfall
+from raytorch.tasks.builtin import linear, linear_data
 
 
 def test_each_replica_reserves_what_its_device_needs():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import ReplicaError, TrainConfig, Trainer
-from raytorch.data import ArrayDataset
+from raytorch.data.datasets import ArrayDataset
 
 
 class Picky(torch.nn.Linear):

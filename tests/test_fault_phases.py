@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from faults import PhaseFault, gated, phase_fault_sgd
 from raytorch import TrainConfig, Trainer
-from raytorch.checkpoint import listed
+from raytorch.persist.checkpoint import listed
 from test_reliability import DATA, JOB, assert_matches_reference, inject, sigkill
 
 

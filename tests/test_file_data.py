@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import TrainConfig, Trainer
-from raytorch.data import ArrayDataset, NpyDataset, fetch
+from raytorch.data.datasets import ArrayDataset, NpyDataset, fetch
 from reference import assert_same_parameters
 
 

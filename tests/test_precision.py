@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import ClusterError, TrainConfig, Trainer
-from raytorch.builtins import linear_data, mlp
-from raytorch.device import resolve_device
-from raytorch.plan import plan_steps
-from raytorch.replica import Replica
-from raytorch.sharding import global_batches
+from raytorch.core.callplan import plan_steps
+from raytorch.core.sharding import global_batches
+from raytorch.replica.actor import Replica
+from raytorch.replica.device import resolve_device
+from raytorch.tasks.builtin import linear_data, mlp
 from reference import assert_same_parameters
 
 
@@ -42,7 +42,7 @@ class Probe(torch.nn.Module):
 
 def _data(n=24):
     rng = np.random.default_rng(0)
-    from raytorch.data import ArrayDataset
+    from raytorch.data.datasets import ArrayDataset
 
     return ArrayDataset(rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=(n, 2)).astype(np.float32))
 
@@ -110,7 +110,7 @@ def test_fp16_loss_scaler_skips_the_same_steps_as_one_process():
 def test_bf16_run_on_ray_converges_and_replicas_agree(ray_local):
     config = TrainConfig(workers=2, epochs=3, batch_size=32, lr=0.01, optimizer="adam", precision="bf16",
                          dataset="classification", model="mlp")
-    from raytorch.builtins import DATASETS, MODELS
+    from raytorch.tasks.builtin import DATASETS, MODELS
 
     task = DATASETS["classification"]
     result = Trainer(config, model_fn=partial(MODELS["mlp"], task.in_features, task.out_features),

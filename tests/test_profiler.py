@@ -11,9 +11,9 @@ import torch
 
 from faults import die_once
 from raytorch import ConfigError, TrainConfig, Trainer
-from raytorch.builtins import classification_data, mlp
 from raytorch.cli import parse_config
-from raytorch.profiling import PHASES, StepProfiler, breakdown, profile_line
+from raytorch.replica.profiler import PHASES, StepProfiler, breakdown, profile_line
+from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
 
 DATA = partial(classification_data, 96, 4)

@@ -1,7 +1,7 @@
 """Progress lines for the first replica's actor log (the dashboard's Actors page): when they are
 sent, what they say, and that the driver's console leaves them out."""
 
-from raytorch.progress import MARK, ProgressLog, clock, progress_line, without_marked
+from raytorch.output.progress import MARK, ProgressLog, clock, progress_line, without_marked
 
 
 def test_a_progress_line_says_epoch_step_loss_speed_and_eta():

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from raytorch import ConfigError, ReplicaError, TrainConfig, Trainer
-from raytorch.builtins import classification_data, mlp
-from raytorch.replica import Replica
+from raytorch.replica.actor import Replica
+from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
 
 PAIRS = partial(classification_data, 150, 4)
@@ -209,7 +209,7 @@ def test_the_seed_notes_run_is_retraced(ray_local, capsys):
     """The note's table (epochs 0-1): w = b = 0, its list walked in order, one sample a step, SGD 1e-4.
     Its data came from an unseeded random.randrange: the figures agree to what the data changes."""
     from raytorch.cli import parse_config
-    from raytorch.resolve import training
+    from raytorch.tasks.resolve import training
 
     config = parse_config(["--batch-size", "1", "--workers", "1", "--lr", "1e-4", "--optimizer", "sgd",
                            "--init", "zeros", "--no-shuffle", "--epochs", "2"])
@@ -309,7 +309,7 @@ class NormedCNN(torch.nn.Module):
 
 
 def images():
-    from raytorch.data import ArrayDataset
+    from raytorch.data.datasets import ArrayDataset
 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(100, 1, 8, 8)).astype(np.float32) + 0.5  # a mean away from 0: the statistics matter
@@ -338,7 +338,7 @@ def test_sync_batchnorm_refuses_what_it_cannot_keep_equal():
         TrainConfig(sync_batchnorm=True, accumulate=2)
     with pytest.raises(ConfigError, match="sync_batchnorm.*'auto' or 'collective'"):
         TrainConfig(sync_batchnorm=True, reduction="shared_memory")
-    from raytorch.runplan import RunPlan
+    from raytorch.core.runplan import RunPlan
 
     with pytest.raises(ConfigError, match="last batch has 1 samples for 3 replicas: set drop_last"):
         RunPlan.of(TrainConfig(workers=3, batch_size=25, sync_batchnorm=True), 101)
@@ -427,7 +427,7 @@ class Counting(torch.utils.data.IterableDataset):
 def test_a_stream_is_read_by_position_and_starts_over_for_an_earlier_one():
     import pickle
 
-    from raytorch.data import Stream
+    from raytorch.data.datasets import Stream
 
     stream = Stream(Counting(10), 10)
     assert stream.take([1, 2], (0, 0)) == [1, 2] and stream.take([5], (0, 0)) == [5]

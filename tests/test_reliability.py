@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from faults import Gated, Poisoned, gated
 from polling import wait_for
 from raytorch import CheckpointError, NonFiniteError, ReplicaError, TrainConfig, Trainer
-from raytorch.builtins import classification_data, linear_data, mlp
-from raytorch.checkpoint import listed
+from raytorch.persist.checkpoint import listed
+from raytorch.tasks.builtin import classification_data, linear_data, mlp
 from reference import assert_same_parameters, train_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,7 +260,7 @@ def test_killed_driver_rerun_with_resume_finishes_the_job(ray_local, tmp_path):
     model = torch.nn.Linear(1, 1)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
     # the CLI's built-in 'linear' dataset (10,000 samples: 1,875 steps) trained by plain PyTorch
-    from raytorch.builtins import DATASETS
+    from raytorch.tasks.builtin import DATASETS
 
     task = DATASETS["linear"]
     expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **JOB)
@@ -300,7 +300,7 @@ def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ra
     assert "resumed from" in done.stdout
     model = torch.nn.Linear(1, 1)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
-    from raytorch.builtins import DATASETS
+    from raytorch.tasks.builtin import DATASETS
 
     task = DATASETS["linear"]
     expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **job)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from fsspec.implementations.memory import MemoryFileSystem
 
 from raytorch import CheckpointError, ConfigError, TrainConfig, Trainer
-from raytorch.builtins import linear_data
-from raytorch.checkpoint import listed, load, load_latest, save
 from raytorch.errors import RaytorchError
-from raytorch.storage import RunStorage, staging_dir
+from raytorch.persist.checkpoint import listed, load, load_latest, save
+from raytorch.persist.storage import RunStorage, staging_dir
+from raytorch.tasks.builtin import linear_data
 from reference import assert_same_parameters, train_reference
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from raytorch import TrainConfig, learner
-from raytorch.builtins import linear_data, mlp
-from raytorch.data import ArrayDataset
-from raytorch.learner import attach_flat_grad
-from raytorch.replica import Replica
+from raytorch.data.datasets import ArrayDataset
+from raytorch.replica.actor import Replica
+from raytorch.replica.learner import attach_flat_grad
+from raytorch.tasks.builtin import linear_data, mlp
 
 
 def test_grads_are_views_into_one_flat_buffer_through_backward():

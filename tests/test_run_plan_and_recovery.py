@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from raytorch import CheckpointError, ConfigError, TrainConfig
-from raytorch.checkpoint import RunCheckpoints
-from raytorch.position import Position
-from raytorch.recovery import Failure, RecoveryPolicy
-from raytorch.runplan import RunPlan
-from raytorch.sharding import epoch_order
-from raytorch.snapshot import Snapshot
+from raytorch.core.position import Position
+from raytorch.core.runplan import RunPlan
+from raytorch.core.sharding import epoch_order
+from raytorch.core.snapshot import Snapshot
+from raytorch.driver.recovery import Failure, RecoveryPolicy
+from raytorch.persist.checkpoint import RunCheckpoints
 
 
 def test_run_plan_counts_steps_and_cuts_the_last_epoch_at_max_steps():
@@ -114,7 +114,7 @@ def test_resume_refuses_other_run_defining_fields(tmp_path):
 
 
 def test_the_frame_a_hung_replica_is_stuck_in_is_read_from_its_py_spy_dump():
-    from raytorch.report import stuck_in
+    from raytorch.output.report import stuck_in
 
     dump = """Process 4242: ray::Replica.run
 Python v3.11.7 (/usr/bin/python3.11)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytorch.reduce import batch_weights, weighted_mean, weighted_sum
-from raytorch.sharding import epoch_order, global_batches, split_batch, steps_per_epoch
+from raytorch.core.reduce import batch_weights, weighted_mean, weighted_sum
+from raytorch.core.sharding import epoch_order, global_batches, split_batch, steps_per_epoch
 
 
 def test_epoch_order_is_the_contracts_randperm():

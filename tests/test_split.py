@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from faults import straggling
 from raytorch import TrainConfig, Trainer
-from raytorch.balance import SpeedEstimate
-from raytorch.builtins import classification_data, mlp
-from raytorch.plan import plan_steps
-from raytorch.replica import Replica
-from raytorch.sharding import global_batches, proportional_sizes, split_batch
+from raytorch.core.balance import SpeedEstimate
+from raytorch.core.callplan import plan_steps
+from raytorch.core.sharding import global_batches, proportional_sizes, split_batch
+from raytorch.replica.actor import Replica
+from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
 
 
@@ -130,7 +130,7 @@ def test_a_split_far_from_even_names_the_slower_replica_and_by_how_much():
     assert speeds.uneven([40, 38, 42]) is None  # near even: nothing to explain
     small, large, slower = speeds.uneven([50, 15, 55])
     assert (small, large) == (1, 2) and slower == pytest.approx(3.0)
-    from raytorch.report import uneven_line
+    from raytorch.output.report import uneven_line
 
     assert uneven_line("replica-1", "replica-2", slower) == (
         "split far from even: replica-1 measured 3.0x the time per sample of replica-2, so it takes fewer samples "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raytorch import ConfigError, TrainConfig, Trainer
-from raytorch.builtins import classification_data, mlp
+from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
 
 DATA = partial(classification_data, 150, 4)  # 150 samples: batches of 32 leave a short last one

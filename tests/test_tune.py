@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from raytorch import ConfigError, TrainConfig, Trainer
-from raytorch.checkpoint import load
+from raytorch.persist.checkpoint import load
 from raytorch.tune import read_search, search_space, trainable, trial_bundles, trial_config
 
 
@@ -94,7 +94,7 @@ def test_a_restored_trial_gets_its_checkpoint_back_where_resume_reads_it(tmp_pat
     trial's run directory, where Trainer(resume_from=...) finds it valid."""
     from ray import tune
 
-    from raytorch.checkpoint import load_latest, save
+    from raytorch.persist.checkpoint import load_latest, save
     from raytorch.tune import restore_into
 
     reported = tmp_path / "reported"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from raytorch.reduce import weighted_sum
-from raytorch.wire import PeerFailed, SharedMemoryWire, shared_memory_available
-from raytorch.zero import ShardedUpdate, chunk_slices, shared_names, why_not
+from raytorch.core.reduce import weighted_sum
+from raytorch.wire.sharded import ShardedUpdate, chunk_slices, shared_names, why_not
+from raytorch.wire.shared_memory import PeerFailed, SharedMemoryWire, shared_memory_available
 
 needs_shm = pytest.mark.skipif(not shared_memory_available(), reason="needs /dev/shm on x86")
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from raytorch.builtins import linear_data
+from raytorch.tasks.builtin import linear_data
 
 
 def model():

@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import TrainConfig, field_choices, field_docs, read_yaml
+from .config.schema import TrainConfig, field_choices, field_docs, read_yaml
+from .driver.signals import EXIT_CODES
 from .errors import ConfigError, Interrupted, RaytorchError
-from .signals import EXIT_CODES
 
 
 def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ RECIPE_GROUPS = (("optimizer", "lr", "lr_schedule", "warmup_steps"), ("batch_siz
 def with_recipe(values: dict) -> dict:
     """`values` with what a built-in dataset's recipe sets (optimizer with lr and schedule, batch
     size, epochs), group by group, where neither the file nor the flags set any of the group."""
-    from .builtins import RECIPES
+    from .tasks.builtin import RECIPES
 
     recipe = RECIPES.get(values.get("dataset", "linear"), {})
     filled = dict(values)
@@ -118,10 +118,10 @@ def train(argv: Sequence[str]) -> int:
             from .submit import submit
 
             return submit(argv, config.address, detach, f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}")
-        from .resolve import training
+        from .tasks.resolve import training
 
         what = training(config)  # your model, data and loss imported here: a bad path fails before Ray starts
-        from .driver import Trainer  # imports Ray: after the config, so bad flags fail fast
+        from .driver.trainer import Trainer  # imports Ray: after the config, so bad flags fail fast
 
         Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
                 eval_dataset_fn=what.eval_dataset_fn, **options).fit()  # step, optimizer by path: from config

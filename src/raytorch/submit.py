@@ -32,7 +32,7 @@ def dashboard_url(address: Optional[str]) -> str:
         return address
     import ray
 
-    from .cluster import ray_session
+    from .group.cluster import ray_session
 
     with ray_session(address):
         url = ray._private.worker.get_dashboard_url()

@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from .callbacks import Callback
 from .errors import ConfigError
+from .output.callbacks import Callback
 
 ARTIFACTS = ("loss.png", "model.safetensors", "config.yaml", "metrics.jsonl")
 CHECK_TIMEOUT_S = 10.0

@@ -25,11 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .callbacks import Callback
-from .checkpoint import checksum_name, directory, listed
-from .config import TrainConfig
-from .device import replica_resources
+from .config.schema import TrainConfig
 from .errors import ConfigError
+from .output.callbacks import Callback
+from .persist.checkpoint import checksum_name, directory, listed
+from .replica.device import replica_resources
 
 RUN_DIR = "raytorch-run"  # inside the trial's directory
 
@@ -69,7 +69,7 @@ def trainable(*, model_fn: Callable, dataset_fn: Callable, loss_fn: Optional[Cal
                  "eval_dataset_fn": eval_dataset_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn}
 
     def raytorch_trial(params: dict) -> None:
-        from .driver import Trainer
+        from .driver.trainer import Trainer
 
         run_dir = Path(tune.get_context().get_trial_dir()) / RUN_DIR
         config = trial_config(base_fields, {**params, "output_dir": str(run_dir)})
@@ -177,7 +177,7 @@ SEARCH_KEYS = {"train", "search", "trials", "metric", "mode", "scheduler", "max_
 def read_search(path: str) -> dict:
     """search.yaml, checked: train (TrainConfig fields every trial shares), search (the sampled
     fields), trials, metric, mode, scheduler (asha or fifo), max_concurrent, storage, name."""
-    from .config import read_yaml
+    from .config.schema import read_yaml
 
     spec = read_yaml(path)
     unknown = sorted(set(spec) - SEARCH_KEYS)
@@ -200,8 +200,8 @@ def run_search(path: str, address: Optional[str] = None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .cli import with_recipe
-    from .cluster import ray_session
-    from .resolve import training
+    from .group.cluster import ray_session
+    from .tasks.resolve import training
 
     spec = read_search(path)
     base = with_recipe(dict(spec.get("train") or {}))

@@ -1,0 +1,179 @@
+"""Recovery from lost replicas: a pure policy that decides, apart from the mechanism that acts.
+
+As in Ray Train V2 (a failure policy returns a decision, the controller carries it out):
+RecoveryPolicy looks at what is known of a loss and says go on or give up, and why; Recovery
+replaces the lost replicas through the group, loads every replica with the most advanced
+survivor's state and sets the run's position to the step to redo. No Ray here: the group calls it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from ..core.position import Position
+from ..errors import ReplicaError, ReplicaLost
+from ..output.report import replica_name
+
+if TYPE_CHECKING:  # the mechanism's collaborators: the policy needs none of them
+    from ..config.schema import TrainConfig
+    from ..core.runplan import RunPlan
+    from ..core.snapshot import Snapshot
+    from ..group.group import Replacement, ReplicaGroup
+    from ..output.sink import RunOutput
+    from .pipeline import StepPipeline
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What the driver knows of a loss when it decides."""
+
+    lost: str
+    """The loss, in words (the ReplicaLost's message)."""
+    replicas: list[str]
+    """The replicas found gone (dead, or hung and killed), by name."""
+    attempt: int
+    """0 for the first try at recovering from this loss; each further loss during recovery adds 1."""
+    survivors: int
+    step: Optional[int]
+    """The step to redo: the most advanced survivor's (None without survivors)."""
+    previous: Optional[dict]
+    """The run's last restart record (replica_lost event), if any."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    recover: bool
+    reason: str = ""
+    """Why the run stops, where it does."""
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    """When a run goes on after losing replicas, and when it stops."""
+
+    min_workers: int = 1
+    max_attempts: int = 3
+    """Tries at one recovery: each new loss while recovering starts it over."""
+
+    def decide(self, failure: Failure) -> Decision:
+        if failure.attempt >= self.max_attempts:
+            return Decision(False, f"replicas kept failing while recovering ({failure.lost})")
+        if failure.survivors == 0:
+            return Decision(False, f"every replica was lost ({failure.lost})")
+        previous = failure.previous
+        if previous is not None and previous["step"] == failure.step and previous["replicas"] == failure.replicas:
+            return Decision(False, f"{failure.lost} again at step {failure.step}, as before its replacement: "
+                                   f"that step itself kills it")
+        return Decision(True)
+
+    def after_replacement(self, workers: int) -> Decision:
+        """Whether the replicas left (survivors and replacements) are enough to go on."""
+        if workers < self.min_workers:
+            return Decision(False, f"{workers} replicas left, fewer than min_workers={self.min_workers}")
+        return Decision(True)
+
+
+def loss_record(lost: ReplicaLost, names: list[str], step: Optional[int], replacement: Replacement, workers: int,
+                detected_at: float, **extra) -> dict:
+    """The replica_lost event of a loss: when found, the step to redo, who, why (the error Ray
+    gave, or 'hang' for a replica killed as hung), what replaced them, the replicas left."""
+    cause = lost.__cause__
+    kind = type(cause).__name__ if cause is not None and not isinstance(cause, ReplicaError) else "hang"
+    return {"event": "replica_lost", **extra, "detected_at": detected_at, "step": step, "replicas": names,
+            "cause": kind, "replaced": [replica_name(r) for r in replacement.replaced],
+            "dropped": [replica_name(r) for r in replacement.dropped], "spares_used": replacement.spares_used,
+            "workers": workers}
+
+
+def until_settled(action: Callable[[], Any], group: ReplicaGroup, policy: RecoveryPolicy, phase: str) -> list[dict]:
+    """Run `action` (the group's start, or a resume's restore) to its end: a replica lost meanwhile
+    is replaced (or dropped, at min_workers or above) and the action runs again, until the policy
+    gives up. Nothing is redone and nothing lost: the state the action loads is the driver's.
+    Returns a record of each loss."""
+    records: list[dict] = []
+    while True:
+        try:
+            action()
+            return records
+        except ReplicaLost as lost:
+            gone = lost.ranks if lost.ranks is not None else group.dead()
+            names = [replica_name(rank) for rank in gone]
+            # the state comes from the driver: no replica's loss loses it, so survivors are not needed
+            decision = policy.decide(Failure(str(lost), names, len(records), group.size, None, None))
+            if not decision.recover:
+                raise ReplicaError(f"{decision.reason} while {phase}") from lost
+            replacement = group.replace(gone)
+            enough = policy.after_replacement(group.size)
+            if not enough.recover:
+                raise ReplicaError(f"{enough.reason} while {phase}") from lost
+            records.append(loss_record(lost, names, None, replacement, group.size, time.time(), phase=phase))
+
+
+class Recovery:
+    """Carries out recovery: replace (or drop) the lost replicas, restore, set the position."""
+
+    def __init__(self, config: TrainConfig, group: ReplicaGroup, pipeline: StepPipeline, output: RunOutput,
+                 plan: RunPlan, policy: RecoveryPolicy, checkpoint: Callable[[], Optional[object]],
+                 kept: Callable[[], str]):
+        self.config, self.group, self.pipeline, self.output, self.plan = config, group, pipeline, output, plan
+        self.policy, self.checkpoint, self.kept = policy, checkpoint, kept
+
+    def recover(self, lost: ReplicaLost, at: Position, batches: list) -> None:
+        """Bring every replica to the most advanced survivor's step, and `at` with them: that
+        step's gradient is computed again. A ReplicaError where the policy says stop."""
+        detected, detected_at = time.perf_counter(), time.time()
+        self.pipeline.drain()
+        self.output.replica_lost(lost)
+        names, step, replacement, snapshot = self._replace(lost, at)
+        record = loss_record(lost, names, step, replacement, self.group.size, detected_at)
+        if self.group.hung_stacks:  # where the replicas killed as hung were stuck (py-spy), for the event log
+            record["stacks"] = dict(self.group.hung_stacks)
+            self.group.hung_stacks.clear()
+        at.restarts.append(record)
+        self.pipeline.membership_changed()
+        self.output.replaced(record, self.group.size)
+        # the losses of steps the driver had not gathered yet come with the snapshot
+        first = self.plan.first_step(at.epoch)
+        at.trim(step - first)
+        for k in range(len(at.losses), step - first):
+            at.add(snapshot.losses[first + k], len(batches[k]))
+        at.index = step - first
+        enough = self.policy.after_replacement(self.group.size)
+        if not enough.recover:
+            path = self.checkpoint()
+            raise ReplicaError(f"{enough.reason}; checkpoint {path}; resume with --resume {self.config.output_dir}"
+                               if path else f"{enough.reason} (set output_dir to keep a checkpoint)") from lost
+        self.output.redoing(record, self.group.size)
+
+        def recovered(now: float) -> None:
+            record["recovery_s"] = round(now - detected, 3)
+            self.output.recovered(record)
+
+        self.pipeline.after_next_step(recovered)
+
+    def _replace(self, lost: ReplicaLost, at: Position) -> tuple[list[str], int, Replacement, Snapshot]:
+        """Find the lost, ask the policy, replace them, restore every replica that is behind."""
+        attempt = 0
+        while True:
+            try:
+                gone = self.group.dead()
+                names = [replica_name(rank) for rank in gone]
+                survivors = [rank for rank in self.group.ranks if rank not in gone]
+                positions = self.group.positions(survivors) if survivors else []
+                step = max(positions, default=None)
+                decision = self.policy.decide(Failure(str(lost), names, attempt, len(survivors), step,
+                                                      at.restarts[-1] if at.restarts else None))
+                if not decision.recover:
+                    raise ReplicaError(f"{decision.reason}; {self.kept()}") from lost
+                source = survivors[positions.index(step)]
+                behind = [rank for rank, p in zip(survivors, positions) if p < step]
+                replacement = self.group.replace(gone)
+                fresh = [rank for rank in self.group.ranks if rank not in survivors]
+                snapshot = self.group.copy_state(source, behind + fresh,
+                                                 losses_since=self.plan.first_step(at.epoch) + len(at.losses))
+                self.group.rewire()
+                return names, step, replacement, snapshot
+            except ReplicaLost as again:  # another loss while recovering: start over
+                lost, attempt = again, attempt + 1
