@@ -12,7 +12,8 @@ import yaml
 
 from raytorch import ConfigError, TrainConfig, Trainer
 from raytorch.cli import main, parse_config
-from raytorch.tasks.resolve import load, loss_function, training
+from raytorch.config.imports import load
+from raytorch.tasks.resolve import loss_function, training
 from reference import assert_same_parameters, train_reference
 
 ROOT = Path(__file__).resolve().parent.parent

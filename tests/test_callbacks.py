@@ -97,6 +97,19 @@ def test_bad_callback_names_fail_early(spec, message):
             TrainConfig(callbacks=spec)
 
 
+def test_the_built_in_names_are_the_trackers_and_a_missing_package_says_what_to_install(monkeypatch):
+    from raytorch import trackers
+    from raytorch.config import BUILT_IN_CALLBACKS, load
+
+    assert {name: load(path, "callbacks") for name, path in BUILT_IN_CALLBACKS.items()} == {
+        "mlflow": trackers.MLflowCallback, "wandb": trackers.WandbCallback}
+    for name in ("mlflow", "wandb"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed: import raises ImportError
+        with pytest.raises(ConfigError, match=rf"^callbacks: the {name} callback needs {name}: "
+                                              rf"pip install 'raytorch\[{name}\]'$"):
+            named_callback(name)
+
+
 def test_an_mlflow_store_that_does_not_answer_fails_before_the_run(tmp_path):
     from raytorch.trackers import MLflowCallback
 

@@ -63,6 +63,21 @@ def test_bad_flags_get_one_line_naming_the_field(capsys, args, field):
     assert err.startswith(f"raytorch: error: {field}: ") and "\n" not in err
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--tensorboard"], "tensorboard: needs the tensorboard package: pip install 'raytorch[tensorboard]'"),
+    (["--output-dir", "nope://bucket/run"], "output_dir: unknown storage protocol 'nope' in nope://bucket/run"),
+])
+@pytest.mark.parametrize("command", [["train"], ["config", "show"]])
+def test_what_the_machine_lacks_gets_one_line_before_any_work(capsys, monkeypatch, tmp_path, args, line, command):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard: ImportError
+    if "--tensorboard" in args:
+        args = [*args, "--output-dir", str(tmp_path)]
+    assert main([*command, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raytorch: error: {line}") and "\n" not in err
+    assert not list(tmp_path.iterdir())  # nothing written: checked before the run started
+
+
 def test_bad_config_file(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
@@ -142,7 +157,7 @@ class FakeTerminal(__import__("io").StringIO):
 
 
 def test_progress_bar_only_on_a_terminal():
-    from raytorch.output.report import Progress
+    from raytorch.output.console import Progress
 
     terminal = FakeTerminal()
     bar = Progress(stream=terminal, min_interval_s=0)

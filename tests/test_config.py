@@ -1,12 +1,14 @@
 """TrainConfig validation, YAML loading and the generated CLI: every bad input gets its error."""
 
 import dataclasses
+import sys
 
 import pytest
 
 from raytorch import ConfigError, TrainConfig
 from raytorch.cli import build_parser, parse_config
-from raytorch.config.schema import field_docs
+from raytorch.config import BUILT_IN_DATASETS, BUILT_IN_MODELS, RECIPES, field_docs
+from raytorch.driver.preflight import preflight
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -123,3 +125,33 @@ def test_optimizer_and_schedule_take_import_paths():
     with pytest.raises(ConfigError, match=r"optimizer: unknown value 'lion'; choose one of sgd, adam, adamw, or "
                                           r"pkg\.module:fn"):
         TrainConfig(optimizer="lion")
+
+
+def test_the_built_in_names_are_the_built_ins():
+    """config checks model and dataset against names alone (it imports no torch): the names must be
+    those of tasks/builtin.py's models and datasets, and every recipe a built-in dataset's."""
+    from raytorch.tasks.builtin import DATASETS, MODELS
+
+    assert set(BUILT_IN_MODELS) == set(MODELS) and len(BUILT_IN_MODELS) == len(MODELS)
+    assert set(BUILT_IN_DATASETS) == set(DATASETS) and len(BUILT_IN_DATASETS) == len(DATASETS)
+    assert set(RECIPES) <= set(DATASETS)
+
+
+def test_what_the_config_asks_of_the_machine_is_checked_at_preflight(tmp_path, monkeypatch):
+    """A config checks values alone; preflight (Trainer.fit's first step, before Ray) checks that this
+    machine has what the values ask for: the same field, the same message as ever."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard: ImportError
+    config = TrainConfig(tensorboard=True, output_dir=str(tmp_path))  # values: fine
+    message = r"^tensorboard: needs the tensorboard package: pip install 'raytorch\[tensorboard\]'$"
+    with pytest.raises(ConfigError, match=message) as info:
+        preflight(config)
+    assert info.value.field == "tensorboard"
+    from torch.nn.functional import mse_loss
+
+    from raytorch import Trainer
+    from raytorch.tasks.builtin import linear, linear_data
+
+    with pytest.raises(ConfigError, match=message):  # a unit test: Ray would refuse to start here
+        Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(8, 0), loss_fn=mse_loss, quiet=True).fit()
+    assert not (tmp_path / "config.yaml").exists()  # nothing written: it failed before storage
+    preflight(TrainConfig(tensorboard=False, output_dir=str(tmp_path)))

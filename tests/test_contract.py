@@ -16,7 +16,7 @@ from reference import assert_same_parameters, train_reference
 # Sizes chosen so the dataset is a multiple of neither B nor W, and (linear, W=3) the last
 # global batch has 2 samples: one replica sits that step out. The linear model's gradient is
 # accumulated in place, the MLP's (~46 K elements a parameter) gathered by backward's hooks
-# (learner.IN_PLACE_PER_PARAM): the matrix runs both.
+# (flatgrad.IN_PLACE_PER_PARAM): the matrix runs both.
 CASES = {
     "linear": dict(model_fn=partial(linear, 1, 1), data=partial(linear_data, 130, 3), loss_fn=F.mse_loss,
                    batch_size=32, lr={"sgd": 1e-4, "adam": 0.05}),

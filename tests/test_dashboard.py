@@ -163,11 +163,13 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
 
 
 def test_the_grafana_dashboard_queries_only_metrics_raytorch_exports():
-    """docs/grafana/raytorch.json: every series it reads is one telemetry.py defines, as Prometheus
-    names it (Ray's `ray_` prefix; `_total` on counters; `_bucket` on histograms)."""
+    """docs/grafana/raytorch.json: every series it reads is one raytorch defines (output/metrics.py,
+    replica/metrics.py), as Prometheus names it (Ray's `ray_` prefix; `_total` on counters;
+    `_bucket` on histograms)."""
     import ray.util.metrics as ray_metrics
 
-    from raytorch import telemetry
+    from raytorch.output.metrics import RunMetrics
+    from raytorch.replica.metrics import ReplicaMetrics
 
     made = {}
     real = {kind: getattr(ray_metrics, kind) for kind in ("Gauge", "Counter", "Histogram")}
@@ -181,8 +183,8 @@ def test_the_grafana_dashboard_queries_only_metrics_raytorch_exports():
     try:
         for kind in real:
             setattr(ray_metrics, kind, recorder(kind))
-        telemetry.RunMetrics("r").close()
-        telemetry.ReplicaMetrics("r", "replica-0")
+        RunMetrics("r").close()
+        ReplicaMetrics("r", "replica-0")
     finally:
         for kind, cls in real.items():
             setattr(ray_metrics, kind, cls)

@@ -9,14 +9,10 @@ import torch.distributed as dist
 
 from raytorch.core.callplan import plan_steps, steps_per_call
 from raytorch.core.reduce import chunk_bounds, weighted_sum
+from raytorch.wire.choice import choose, shared_memory_available, shared_memory_shortfall
 from raytorch.wire.collective import Buckets, buckets
-from raytorch.wire.shared_memory import (
-    PeerFailed,
-    SharedMemoryWire,
-    choose,
-    shared_memory_available,
-    shared_memory_shortfall,
-)
+from raytorch.wire.protocol import PeerFailed
+from raytorch.wire.shared_memory import SharedMemoryWire
 
 
 def test_plan_carries_each_steps_reduce_into_the_next_step():

@@ -125,7 +125,7 @@ def test_a_lost_replica_is_replaced_and_the_run_is_unchanged(ray_local, tmp_path
     assert len(events) == 1
     if cause == "hang":  # its Python stack, taken (py-spy) before it was killed, stopped in its forward
         assert re.search(r"replica-1 \(.*; stuck in \S+ \(\S+\.py:\d+\)\): treated as dead", out), out
-        assert "replica.py" in restart["stacks"]["replica-1"] and '"stacks"' in events[0]
+        assert "replica/actor.py" in restart["stacks"]["replica-1"] and '"stacks"' in events[0]
 
 
 def test_no_room_for_a_replacement_goes_on_with_fewer_replicas(ray_local, tmp_path, capsys):

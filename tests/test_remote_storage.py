@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fsspec.implementations.memory import MemoryFileSystem
 
 from raytorch import CheckpointError, ConfigError, TrainConfig, Trainer
+from raytorch.driver.preflight import preflight
 from raytorch.errors import RaytorchError
 from raytorch.persist.checkpoint import listed, load, load_latest, save
 from raytorch.persist.storage import RunStorage, staging_dir
@@ -223,8 +224,12 @@ def test_a_failed_upload_is_said_and_raised_at_the_end(memory_url, tmp_path, mon
 
 
 def test_an_unknown_protocol_or_a_missing_backend_is_a_config_error(monkeypatch):
+    config = TrainConfig(output_dir="nope://bucket/run")  # the config checks values; the machine, preflight
     with pytest.raises(ConfigError, match=r"^output_dir: unknown storage protocol 'nope' in nope://bucket/run"):
-        TrainConfig(output_dir="nope://bucket/run")
+        preflight(config)
+    with pytest.raises(ConfigError, match=r"^output_dir: unknown storage protocol 'nope' in nope://bucket/run"):
+        Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=partial(linear_data, 16, 3),
+                loss_fn=F.mse_loss).fit()  # first thing, before storage and Ray
     with pytest.raises(ConfigError, match=r"^resume_from: unknown storage protocol"):
         Trainer(TrainConfig(), model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=partial(linear_data, 16, 3),
                 loss_fn=F.mse_loss, resume_from="nope://bucket/run").fit()
@@ -235,10 +240,10 @@ def test_an_unknown_protocol_or_a_missing_backend_is_a_config_error(monkeypatch)
     monkeypatch.setattr(fsspec, "get_filesystem_class", missing)
     with pytest.raises(ConfigError, match=r"s3://bucket/run needs the fsspec backend for s3://: "
                                           r"pip install 'raytorch\[s3\]' \(s3fs\)"):
-        TrainConfig(output_dir="s3://bucket/run")
+        preflight(TrainConfig(output_dir="s3://bucket/run"))
     with pytest.raises(ConfigError, match=r"gs://bucket/run needs the fsspec backend for gs://: pip install gcsfs"):
-        TrainConfig(output_dir="gs://bucket/run")
-    TrainConfig(output_dir="runs/local")  # a path asks nothing of fsspec
+        preflight(TrainConfig(output_dir="gs://bucket/run"))
+    preflight(TrainConfig(output_dir="runs/local"))  # a path asks nothing of fsspec
 
 
 # -- S3 protocol: moto's server on 127.0.0.1 -------------------------------------------------------

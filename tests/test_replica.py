@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from raytorch import TrainConfig, learner
+from raytorch import TrainConfig
 from raytorch.data.datasets import ArrayDataset
+from raytorch.replica import flatgrad
 from raytorch.replica.actor import Replica
-from raytorch.replica.learner import attach_flat_grad
+from raytorch.replica.flatgrad import attach_flat_grad
 from raytorch.tasks.builtin import linear_data, mlp
 
 
@@ -24,8 +25,8 @@ def test_grads_are_views_into_one_flat_buffer_through_backward():
 
 @pytest.mark.parametrize("per_param", [0, 1 << 30], ids=["hooks", "in_place"])
 def test_gradients_gathered_flat_as_backward_finishes_each_including_unused_ones(monkeypatch, per_param):
-    """Both ways a gradient gets into the flat buffer (learner.IN_PLACE_PER_PARAM picks by size)."""
-    monkeypatch.setattr(learner, "IN_PLACE_PER_PARAM", per_param)
+    """Both ways a gradient gets into the flat buffer (flatgrad.IN_PLACE_PER_PARAM picks by size)."""
+    monkeypatch.setattr(flatgrad, "IN_PLACE_PER_PARAM", per_param)
 
     class Partly(torch.nn.Module):
         def __init__(self):

@@ -11,7 +11,7 @@ from raytorch.core.position import Position
 from raytorch.core.runplan import RunPlan
 from raytorch.core.sharding import epoch_order
 from raytorch.core.snapshot import Snapshot
-from raytorch.driver.recovery import Failure, RecoveryPolicy
+from raytorch.driver.policy import Failure, RecoveryPolicy
 from raytorch.persist.checkpoint import RunCheckpoints
 
 
@@ -114,7 +114,7 @@ def test_resume_refuses_other_run_defining_fields(tmp_path):
 
 
 def test_the_frame_a_hung_replica_is_stuck_in_is_read_from_its_py_spy_dump():
-    from raytorch.output.report import stuck_in
+    from raytorch.core.naming import stuck_in
 
     dump = """Process 4242: ray::Replica.run
 Python v3.11.7 (/usr/bin/python3.11)
@@ -124,11 +124,12 @@ Thread 4242 (idle): "MainThread"
     <module> (ray/_private/workers/default_worker.py:330)
 Thread 4300 (idle): "Thread-2"
     wait (torch/distributed/distributed_c10d.py:4321)
-    finish (raytorch/collective.py:80)
-    run (raytorch/replica.py:159)
+    finish (raytorch/wire/collective.py:80)
+    run (raytorch/replica/actor.py:159)
 Thread 4301 (idle): "health"
     ping (raytorch/health.py:10)
 """
     assert stuck_in(dump) == "; stuck in wait (torch/distributed/distributed_c10d.py:4321)"
-    assert stuck_in(dump.replace("replica.py", "other.py")) == "; stuck in main_loop (ray/_private/worker.py:946)"
+    elsewhere = dump.replace("replica/actor.py", "replica/other.py")  # no thread runs the replica's calls
+    assert stuck_in(elsewhere) == "; stuck in main_loop (ray/_private/worker.py:946)"
     assert stuck_in(None) == "" and stuck_in("py-spy: permission denied") == ""

@@ -130,7 +130,7 @@ def test_a_split_far_from_even_names_the_slower_replica_and_by_how_much():
     assert speeds.uneven([40, 38, 42]) is None  # near even: nothing to explain
     small, large, slower = speeds.uneven([50, 15, 55])
     assert (small, large) == (1, 2) and slower == pytest.approx(3.0)
-    from raytorch.output.report import uneven_line
+    from raytorch.output.lines import uneven_line
 
     assert uneven_line("replica-1", "replica-2", slower) == (
         "split far from even: replica-1 measured 3.0x the time per sample of replica-2, so it takes fewer samples "

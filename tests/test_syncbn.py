@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from raytorch import syncbn
+from raytorch.replica import syncbn
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The sharded update (zero.py): each replica steps its chunk of the parameters, every replica
+"""The sharded update (wire/sharded.py): each replica steps its chunk of the parameters, every replica
 takes every chunk. Replicas as threads on the shared-memory wire: no Ray."""
 
 import threading
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from raytorch.core.reduce import weighted_sum
+from raytorch.wire.choice import shared_memory_available
+from raytorch.wire.protocol import PeerFailed
 from raytorch.wire.sharded import ShardedUpdate, chunk_slices, shared_names, why_not
-from raytorch.wire.shared_memory import PeerFailed, SharedMemoryWire, shared_memory_available
+from raytorch.wire.shared_memory import SharedMemoryWire
 
 needs_shm = pytest.mark.skipif(not shared_memory_available(), reason="needs /dev/shm on x86")
 

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config.schema import TrainConfig, field_choices, field_docs, read_yaml
+from .config import TrainConfig, elastic_range, field_choices, field_docs, read_yaml, with_recipe
+from .driver.preflight import preflight
 from .driver.signals import EXIT_CODES
 from .errors import ConfigError, Interrupted, RaytorchError
 
@@ -53,7 +54,8 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
-    """The run's config, and the options that are not part of it (quiet, resume)."""
+    """The run's config, checked against this machine too (preflight: tensorboard, a URL's fsspec
+    backend), and the options that are not part of it (quiet, resume)."""
     args = vars(build_parser().parse_args(argv))
     options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None),
                "submit": args.pop("submit", False), "detach": args.pop("detach", False)}
@@ -61,41 +63,9 @@ def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
     values = elastic_range({**(read_yaml(path) if path else {}), **args})
-    return TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags"), options
-
-
-# A recipe's fields that go together: an lr and schedule tuned for one optimizer do not fit another,
-# so where the flags or the file set any of a group, the recipe sets none of it.
-RECIPE_GROUPS = (("optimizer", "lr", "lr_schedule", "warmup_steps"), ("batch_size",), ("epochs",))
-
-
-def with_recipe(values: dict) -> dict:
-    """`values` with what a built-in dataset's recipe sets (optimizer with lr and schedule, batch
-    size, epochs), group by group, where neither the file nor the flags set any of the group."""
-    from .tasks.builtin import RECIPES
-
-    recipe = RECIPES.get(values.get("dataset", "linear"), {})
-    filled = dict(values)
-    for group in RECIPE_GROUPS:
-        if not any(name in values for name in group):
-            filled.update({name: recipe[name] for name in group if name in recipe})
-    return filled
-
-
-def elastic_range(values: dict) -> dict:
-    """`values` with workers 'MIN:MAX' (flag or file) as workers and min_workers MIN, max_workers MAX;
-    a plain count as an int."""
-    workers = values.get("workers")
-    if not isinstance(workers, str):
-        return values
-    low, colon, high = workers.partition(":")
-    try:
-        if not colon:
-            return {**values, "workers": int(workers)}
-        return {**values, "workers": int(low), "min_workers": int(low), "max_workers": int(high)}
-    except ValueError:
-        raise ConfigError("workers", f"must be a count (2) or an elastic range MIN:MAX (2:4), "
-                                     f"got {workers!r}") from None
+    config = TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags")
+    preflight(config)  # here too, not only in Trainer.fit: --submit and config show check before they go on
+    return config, options
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:

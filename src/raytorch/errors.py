@@ -1,5 +1,7 @@
 """raytorch's own exceptions: what a user can cause, said in words that tell what to change."""
 
+from __future__ import annotations
+
 
 class RaytorchError(Exception):
     """Base of every error raytorch raises on purpose."""
@@ -21,15 +23,21 @@ class ClusterError(RaytorchError):
 
 
 class ReplicaError(RaytorchError):
-    """A replica failed while training; the message names the replica and the step."""
+    """A replica failed while training; the message names the replica and the step, and so do
+    `rank` and `step` (None where not known: a failure of several, or before any step). Picklable
+    with its fields: it crosses from a replica's process to the driver."""
+
+    def __init__(self, message: str, *, rank: int | None = None, step: int | None = None):
+        super().__init__(message)
+        self.rank, self.step = rank, step
 
 
 class ReplicaLost(ReplicaError):
     """A replica died or hung: the driver replaces it and redoes the interrupted step. `ranks`:
     the lost replicas where known (else the driver asks every replica)."""
 
-    def __init__(self, message: str, ranks: list[int] | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, ranks: list[int] | None = None, **where: int | None):
+        super().__init__(message, **where)
         self.ranks = ranks
 
 

@@ -30,12 +30,11 @@ def dashboard_url(address: Optional[str]) -> str:
                                      "GCS, or http://host:8265, its dashboard)")
     if address.startswith(("http://", "https://")):
         return address
-    import ray
-
+    from .compat import rayprivate
     from .group.cluster import ray_session
 
     with ray_session(address):
-        url = ray._private.worker.get_dashboard_url()
+        url = rayprivate.dashboard_url()
     if not url:
         raise ClusterError(f"the cluster at {address} runs no dashboard: start it with one to submit jobs")
     return f"http://{url}"

@@ -4,6 +4,8 @@
 Each logs the resolved config as the run's parameters, the train loss and samples/s every
 log_every steps, each epoch's and evaluation's figures, replica losses, and at the end the run
 directory's loss.png, model.safetensors, config.yaml and metrics.jsonl (where output_dir is set).
+A config names them 'mlflow' and 'wandb' (config/recipes.py's BUILT_IN_CALLBACKS: import paths to
+the classes here, loaded as your own pkg.module:Class is).
 """
 
 from __future__ import annotations
@@ -182,5 +184,3 @@ class WandbCallback(Callback):
             self.run.log_artifact(artifact)
         self.run.finish(exit_code=0 if result is not None else 1)
 
-
-BUILT_IN = {"mlflow": MLflowCallback, "wandb": WandbCallback}

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config.schema import TrainConfig
+from .config import TrainConfig, read_yaml, with_recipe
 from .errors import ConfigError
 from .output.callbacks import Callback
 from .persist.checkpoint import checksum_name, directory, listed
@@ -177,8 +177,6 @@ SEARCH_KEYS = {"train", "search", "trials", "metric", "mode", "scheduler", "max_
 def read_search(path: str) -> dict:
     """search.yaml, checked: train (TrainConfig fields every trial shares), search (the sampled
     fields), trials, metric, mode, scheduler (asha or fifo), max_concurrent, storage, name."""
-    from .config.schema import read_yaml
-
     spec = read_yaml(path)
     unknown = sorted(set(spec) - SEARCH_KEYS)
     if unknown:
@@ -199,7 +197,6 @@ def run_search(path: str, address: Optional[str] = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .cli import with_recipe
     from .group.cluster import ray_session
     from .tasks.resolve import training
 

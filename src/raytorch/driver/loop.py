@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import signal
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config.schema import TrainConfig
+from ..core.naming import replica_name
 from ..core.position import Position
 from ..core.reduce import weighted_mean
 from ..core.result import TrainResult
@@ -19,12 +20,12 @@ from ..core.runplan import RunPlan
 from ..core.sharding import split_batch
 from ..errors import Interrupted, ReplicaLost
 from ..group.group import ReplicaGroup
-from ..output.report import replica_name
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
 from ..replica.profiler import write_profiles
 from .pipeline import StepPipeline
-from .recovery import Recovery, RecoveryPolicy
+from .policy import RecoveryPolicy
+from .recovery import Recovery
 from .signals import StopRequest
 
 
@@ -33,7 +34,7 @@ class EpochLoop:
 
     def __init__(self, config: TrainConfig, group: ReplicaGroup, plan: RunPlan, at: Position, output: RunOutput,
                  checkpoints: RunCheckpoints, eval_size: int, scalar_linear: bool, fit_started: float,
-                 stop: Optional[StopRequest] = None):
+                 stop: Optional[StopRequest] = None, lost_before: Sequence[dict] = ()):
         self.config, self.group, self.plan, self.at = config, group, plan, at
         self.output, self.checkpoints = output, checkpoints
         self.eval_size = eval_size
@@ -49,7 +50,7 @@ class EpochLoop:
         self.epoch_started: Optional[float] = None
         self.fit_started, self.first_step_s = fit_started, 0.0
         self.pipeline.after_next_step(self._first_step)
-        for record in group.losses:  # replicas lost while starting or restoring: replaced before any step
+        for record in lost_before:  # replicas lost while starting or restoring: replaced before any step
             at.restarts.append(record)
             output.lost_before_training(record)
 
@@ -87,7 +88,7 @@ class EpochLoop:
                 # early-stop check
                 if not at.stopped and eval_loss is not None:
                     self.judge(eval_loss, accuracy, self.plan.first_step(at.epoch) + len(batches))
-                state = self.group.first("state") if self.scalar_linear else None
+                state = self.group.state() if self.scalar_linear else None
             except ReplicaLost as lost:
                 # recover: replace the lost replicas, bring all to the most advanced survivor's step
                 self.recovery.recover(lost, at, batches)
@@ -145,11 +146,11 @@ class EpochLoop:
         if not self.eval_size:
             return None, None
         parts = split_batch(torch.arange(self.eval_size), self.group.size)
-        scores = self.group.call_each("evaluate", [(p.numpy(), self.config.batch_size) for p in parts])
+        scores = self.group.evaluate([p.numpy() for p in parts], self.config.batch_size)
         sizes = [len(p) for p in parts]
-        loss = weighted_mean([value or 0.0 for value, _ in scores], sizes)
-        classifier = all(right is not None for (_, right), n in zip(scores, sizes) if n)
-        return loss, weighted_mean([right or 0.0 for _, right in scores], sizes) if classifier else None
+        loss = weighted_mean([score.loss or 0.0 for score in scores], sizes)
+        classifier = all(score.accuracy is not None for score, n in zip(scores, sizes) if n)
+        return loss, weighted_mean([score.accuracy or 0.0 for score in scores], sizes) if classifier else None
 
     def judge(self, loss: float, accuracy: Optional[float], step: int) -> None:
         """Early stopping: count evaluations without improvement of early_stop_metric."""
@@ -186,7 +187,7 @@ class EpochLoop:
             return None
         while True:
             try:
-                snapshot = self.group.first("snapshot", 0)
+                snapshot = self.group.snapshot()
                 break
             except ReplicaLost as lost:
                 self.recovery.recover(lost, self.at, self.plan.batches_of(self.at.epoch))
@@ -209,8 +210,8 @@ class EpochLoop:
         steps, samples = self.done() if at.stopped else (self.plan.total_steps,
                                                           self.plan.samples_through(self.plan.epochs - 1))
         # everything asked of the replicas first: a replica lost meanwhile is recovered and all asked again
-        digests, memory, profiles = group.call_all("digest"), group.call_all("memory"), group.call_all("profile")
-        redone, state = max(p["redone"] for p in group.call_all("ping")), group.first("state")
+        digests, memory, profiles = group.digests(), group.memory(), group.profiles()
+        redone, state = max(live.redone for live in group.liveness()), group.state()
         self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
                              digests, pipeline.uneven_split())
         profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)

@@ -13,12 +13,12 @@ from typing import Callable, NamedTuple, Optional
 from ..config.schema import TrainConfig
 from ..core.balance import SpeedEstimate
 from ..core.callplan import Reduce, plan_steps, steps_per_call
+from ..core.naming import replica_name
 from ..core.position import Position
 from ..core.reduce import weighted_mean
 from ..core.runplan import RunPlan
 from ..errors import NonFiniteError
 from ..group.group import ReplicaGroup
-from ..output.report import replica_name
 from ..output.sink import RunOutput, StepsDone
 
 # Calls the driver submits ahead of the losses it has gathered.
@@ -120,7 +120,7 @@ class StepPipeline:
         try:
             reports = self.group.get(call.reports)
         except NonFiniteError as e:
-            raise NonFiniteError(f"{e} (epoch {at.epoch}); {self.kept()}") from e
+            raise NonFiniteError(f"{e} (epoch {at.epoch}); {self.kept()}", rank=e.rank, step=e.step) from e
         self.pending.popleft()  # only now: a call that failed stays listed, for drain
         ranks, before, now = self.group.ranks, len(at.losses), time.perf_counter()
         for offset, sizes in enumerate(call.sizes):

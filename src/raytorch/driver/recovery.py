@@ -1,78 +1,30 @@
-"""Recovery from lost replicas: a pure policy that decides, apart from the mechanism that acts.
+"""Recovery from lost replicas: the mechanism that carries out the policy's decisions (policy.py).
 
-As in Ray Train V2 (a failure policy returns a decision, the controller carries it out):
-RecoveryPolicy looks at what is known of a loss and says go on or give up, and why; Recovery
-replaces the lost replicas through the group, loads every replica with the most advanced
-survivor's state and sets the run's position to the step to redo. No Ray here: the group calls it.
+Recovery finds the lost replicas through the group, asks the policy, replaces them, loads every
+replica with the most advanced survivor's state and sets the run's position to the step to redo;
+`until_settled` does the same for a group that is starting or restoring (the state comes from the
+driver there: nothing to redo). The group reports losses and does what it is asked; the decisions
+are taken here, in the driver. No Ray here.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..core.naming import replica_name
 from ..core.position import Position
 from ..errors import ReplicaError, ReplicaLost
-from ..output.report import replica_name
+from .policy import Failure, RecoveryPolicy
 
 if TYPE_CHECKING:  # the mechanism's collaborators: the policy needs none of them
     from ..config.schema import TrainConfig
     from ..core.runplan import RunPlan
     from ..core.snapshot import Snapshot
-    from ..group.group import Replacement, ReplicaGroup
+    from ..group.group import ReplicaGroup
+    from ..group.records import Replacement
     from ..output.sink import RunOutput
     from .pipeline import StepPipeline
-
-
-@dataclass(frozen=True)
-class Failure:
-    """What the driver knows of a loss when it decides."""
-
-    lost: str
-    """The loss, in words (the ReplicaLost's message)."""
-    replicas: list[str]
-    """The replicas found gone (dead, or hung and killed), by name."""
-    attempt: int
-    """0 for the first try at recovering from this loss; each further loss during recovery adds 1."""
-    survivors: int
-    step: Optional[int]
-    """The step to redo: the most advanced survivor's (None without survivors)."""
-    previous: Optional[dict]
-    """The run's last restart record (replica_lost event), if any."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    recover: bool
-    reason: str = ""
-    """Why the run stops, where it does."""
-
-
-@dataclass(frozen=True)
-class RecoveryPolicy:
-    """When a run goes on after losing replicas, and when it stops."""
-
-    min_workers: int = 1
-    max_attempts: int = 3
-    """Tries at one recovery: each new loss while recovering starts it over."""
-
-    def decide(self, failure: Failure) -> Decision:
-        if failure.attempt >= self.max_attempts:
-            return Decision(False, f"replicas kept failing while recovering ({failure.lost})")
-        if failure.survivors == 0:
-            return Decision(False, f"every replica was lost ({failure.lost})")
-        previous = failure.previous
-        if previous is not None and previous["step"] == failure.step and previous["replicas"] == failure.replicas:
-            return Decision(False, f"{failure.lost} again at step {failure.step}, as before its replacement: "
-                                   f"that step itself kills it")
-        return Decision(True)
-
-    def after_replacement(self, workers: int) -> Decision:
-        """Whether the replicas left (survivors and replacements) are enough to go on."""
-        if workers < self.min_workers:
-            return Decision(False, f"{workers} replicas left, fewer than min_workers={self.min_workers}")
-        return Decision(True)
 
 
 def loss_record(lost: ReplicaLost, names: list[str], step: Optional[int], replacement: Replacement, workers: int,
@@ -128,9 +80,9 @@ class Recovery:
         self.output.replica_lost(lost)
         names, step, replacement, snapshot = self._replace(lost, at)
         record = loss_record(lost, names, step, replacement, self.group.size, detected_at)
-        if self.group.hung_stacks:  # where the replicas killed as hung were stuck (py-spy), for the event log
-            record["stacks"] = dict(self.group.hung_stacks)
-            self.group.hung_stacks.clear()
+        stacks = self.group.hung_stacks()
+        if stacks:  # where the replicas killed as hung were stuck (py-spy), for the event log
+            record["stacks"] = stacks
         at.restarts.append(record)
         self.pipeline.membership_changed()
         self.output.replaced(record, self.group.size)

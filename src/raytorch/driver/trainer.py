@@ -12,12 +12,13 @@ import dataclasses
 import json
 import time
 import uuid
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config.schema import TrainConfig, callback_specs
+from ..config import TrainConfig, callback_specs, imported_fns
 from ..core.position import Position
 from ..core.result import TrainResult
 from ..core.runplan import RunPlan
@@ -26,16 +27,18 @@ from ..errors import ConfigError, ReplicaError
 from ..group.cluster import ray_session
 from ..group.group import replica_group
 from ..output.callbacks import Callback, named_callback
+from ..output.lines import is_scalar_linear
 from ..output.progress import ProgressLog, quiet_marked_lines
-from ..output.report import is_scalar_linear
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
 from ..persist.storage import RunStorage
 from ..replica.batches import check_dataset
 from ..replica.device import resolve_device
-from ..replica.learner import running_statistics
-from ..tasks.resolve import imported_fns
+from ..replica.flatgrad import running_statistics
 from .loop import EpochLoop
+from .policy import RecoveryPolicy
+from .preflight import preflight
+from .recovery import until_settled
 from .signals import StopRequest
 
 __all__ = ["Trainer", "TrainResult"]
@@ -76,6 +79,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train; the callbacks' on_end gets the result, or None where the run stops on an error."""
         config = self.config
+        preflight(config)  # what the config asks of this machine (tensorboard, a URL's backend): before Ray
         if (config.eval_every or config.early_stop_patience) and self.eval_dataset_fn is None:
             raise ConfigError("eval_every" if config.eval_every else "early_stop_patience",
                               "needs an eval set: give eval_dataset_fn (or a dataset with one)")
@@ -96,23 +100,9 @@ class Trainer:
         storage.open(output.say)  # a URL: checked for writing, what it holds staged
         checkpoints = RunCheckpoints(storage.url, config, output.say, storage.mirror)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
-        # a stream (IterableDataset) read by position, a ray.data.Dataset by block and row
-        train_set = addressable(self.dataset_fn(), output.say)
-        eval_set = addressable(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
-        check_dataset(train_set, "dataset", self.user_fns["step_fn"])
-        if eval_set is not None:
-            check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
+        train_set, eval_set = self._datasets(output)
         plan = RunPlan.of(config, len(train_set), stream=isinstance(train_set, Stream))
-        # The contract's starting point: model_fn() right after torch.manual_seed(seed).
-        torch.manual_seed(config.seed)
-        model = self.model_fn()
-        if config.init == "zeros":
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.zero_()
-        init_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if running_statistics(model):
-            output.say(batchnorm_rule(config))
+        model, init_state = self._starting_point(output)
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
         # the signal handlers after Ray's start: ray.init installs its own for SIGTERM
@@ -126,6 +116,10 @@ class Trainer:
                                    init_state=init_state, train_set=train_set, eval_set=eval_set,
                                    total_steps=plan.total_steps,
                                    **{name: fn for name, fn in self.user_fns.items() if fn is not None}) as group:
+                    # a replica lost while starting (or restoring) is replaced and all asked again, as
+                    # the policy allows: the state they load is the driver's, so nothing is lost
+                    policy = RecoveryPolicy(config.min_workers)
+                    lost = until_settled(group.settle, group, policy, "starting")
                     output.replicas_started(config, group.described(), group.wire_reason)
                     # progress in replica-0's actor log, for the dashboard (not in a Tune trial: Tune reports)
                     if session.is_driver:
@@ -134,11 +128,11 @@ class Trainer:
                     at = Position()
                     if resumed is not None:
                         snapshot, at = resumed
-                        group.restore(snapshot)
+                        lost += until_settled(partial(group.restore, snapshot), group, policy, "restoring")
                         output.resumed(checkpoints.last, at.epoch, snapshot.steps)
                     loop = EpochLoop(config, group, plan, at, output, checkpoints,
                                      len(eval_set) if eval_set is not None else 0, is_scalar_linear(init_state),
-                                     fit_started, stop)
+                                     fit_started, stop, lost)
                     try:
                         result = loop.run(model)
                     except ReplicaError:
@@ -150,6 +144,29 @@ class Trainer:
         output.model_trained(model)
         storage.mirror(strict=True)
         return dataclasses.replace(result, resumed_from=resumed[0].steps if resumed else None)
+
+    def _datasets(self, output: RunOutput) -> tuple:
+        """The train and eval sets, addressable by index (a stream (IterableDataset) by position, a
+        ray.data.Dataset by block and row), their items checked against the step."""
+        train_set = addressable(self.dataset_fn(), output.say)
+        eval_set = addressable(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
+        check_dataset(train_set, "dataset", self.user_fns["step_fn"])
+        if eval_set is not None:
+            check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
+        return train_set, eval_set
+
+    def _starting_point(self, output: RunOutput) -> tuple[nn.Module, dict]:
+        """The contract's starting point: model_fn() right after torch.manual_seed(seed) (or zeros,
+        with init 'zeros'), and its state on CPU, which every replica loads."""
+        torch.manual_seed(self.config.seed)
+        model = self.model_fn()
+        if self.config.init == "zeros":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+        if running_statistics(model):
+            output.say(batchnorm_rule(self.config))
+        return model, {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def batchnorm_rule(config: TrainConfig) -> str:

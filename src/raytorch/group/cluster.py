@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 
 import ray
 
+from ..compat import rayprivate
 from ..errors import ClusterError
 from . import watchdog
 
@@ -39,9 +40,7 @@ def keep_on_loopback() -> None:
     outward address; Ray's children read it from the environment we pass on.
     """
     os.environ[LOOPBACK_ENV] = "0"
-    import ray._private.ray_constants as ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    rayprivate.keep_local_clusters_on_loopback()
 
 
 def resolve_address(address: Optional[str]) -> Optional[str]:
@@ -50,9 +49,7 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
     if address in (None, "local"):
         return None
     if address == "auto":
-        from ray._private.utils import read_ray_address
-
-        found = read_ray_address()
+        found = rayprivate.running_cluster_address()
         if not found:
             raise ClusterError("address 'auto': no running Ray cluster found on this machine; "
                                "start one with `ray start --head`, or drop --address to run on a local Ray")
@@ -132,7 +129,7 @@ def _init(metadata: dict[str, str], **kwargs) -> None:
 
 def _describe(started_here: bool) -> Session:
     context = ray.get_runtime_context()
-    url = ray._private.worker.get_dashboard_url()
+    url = rayprivate.dashboard_url()
     return Session(gcs_address=context.gcs_address, dashboard_url=url or None, started_here=started_here,
                    resources=ray.cluster_resources(), is_driver=context.worker.mode == ray.SCRIPT_MODE)
 

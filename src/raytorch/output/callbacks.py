@@ -29,9 +29,10 @@ a tracker that goes away does not take the training with it.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional
 
+from ..config.imports import imported
+from ..config.recipes import BUILT_IN_CALLBACKS
 from ..errors import ConfigError
 
 
@@ -100,15 +101,12 @@ class Callbacks:
 
 def named_callback(spec: str) -> Callback:
     """The callback a config names: 'mlflow', 'wandb', or pkg.module:Class (made with no arguments)."""
-    from ..trackers import BUILT_IN
-
-    if spec in BUILT_IN:
-        return BUILT_IN[spec]()
-    module_name, colon, attribute = spec.partition(":")
+    path = BUILT_IN_CALLBACKS.get(spec, spec)  # a built-in name stands for an import path (trackers.py's)
+    module_name, colon, attribute = path.partition(":")
     if not colon or not module_name or not attribute:
         raise ConfigError("callbacks", f"{spec!r}: give 'mlflow', 'wandb' or pkg.module:Class")
     try:
-        made = getattr(importlib.import_module(module_name), attribute)()
+        made = imported(path)()  # a tracker's missing package: its ConfigError, as it says it
     except (ImportError, AttributeError) as e:
         raise ConfigError("callbacks", f"{spec!r} cannot be imported: {e}") from e
     if not isinstance(made, Callback):

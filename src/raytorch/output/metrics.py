@@ -1,6 +1,7 @@
 """A run's figures as Ray metrics (ray.util.metrics): each node's Prometheus endpoint serves them
 (with Ray's `ray_` prefix; counters end in `_total`), Grafana and the dashboard's Metrics page show
-them (docs/grafana/raytorch.json). Tagged by run; the all-reduce time also by replica.
+them (docs/grafana/raytorch.json). Tagged by run. These are the driver's; each replica's own (the
+time its all-reduce takes, tagged by replica too) are replica/metrics.py's.
 """
 
 from __future__ import annotations
@@ -112,16 +113,3 @@ class RunMetrics(Callback):
             with self.lock:
                 for name, value in self.values.items():
                     self.gauges[name].set(value, tags=self.tags)
-
-
-class ReplicaMetrics:
-    """A replica's metrics: the time its all-reduce takes (reading and summing its peers' gradients,
-    waiting for them included), observed once per call as the mean over the call's steps."""
-
-    def __init__(self, run: str, replica: str):
-        self.tags = {"run": run, "replica": replica}
-        self.allreduce = metrics.Histogram("raytorch_allreduce_seconds", "All-reduce time per step, per replica",
-                                           boundaries=STEP_BOUNDARIES, tag_keys=("run", "replica"))
-
-    def allreduced(self, seconds_per_step: float) -> None:
-        self.allreduce.observe(seconds_per_step, tags=self.tags)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..compat import rayprivate
 from .callbacks import Callback
 
 MARK = "[raytorch progress]"
@@ -61,12 +62,7 @@ def quiet_marked_lines() -> None:
     """Leave MARK lines out of what Ray's log forwarding prints in this driver's console (once per
     process; the rest is printed as Ray prints it). Ray's own printer is wrapped: where it is not
     found (another Ray), nothing changes but that the lines show twice."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    with dispatcher._lock:
-        for index, (name, handler) in enumerate(dispatcher.handlers):
-            if name == "ray_print_logs" and not getattr(handler, "raytorch_quiet", False):
-                dispatcher.handlers[index] = (name, without_marked(handler))
+    rayprivate.wrap_log_printer(without_marked)
 
 
 def without_marked(handler: Callable[[dict], None]) -> Callable[[dict], None]:

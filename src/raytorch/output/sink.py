@@ -10,7 +10,6 @@ their own).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import NamedTuple, Optional
 
@@ -19,20 +18,13 @@ from safetensors.torch import save_model
 from torch import nn
 
 from ..config.schema import TrainConfig
+from ..core.naming import replica_name
 from ..core.position import Position
 from .callbacks import Callback, Callbacks
+from .console import Console, Progress, warn
+from .lines import final_line, restarts_line, scalar_linear_values, summary_line, uneven_line
 from .metrics import RunMetrics
-from .report import (
-    Progress,
-    RunDir,
-    epoch_line,
-    final_line,
-    replica_name,
-    restarts_line,
-    scalar_linear_values,
-    summary_line,
-    uneven_line,
-)
+from .rundir import RunDir
 
 
 class StepsDone(NamedTuple):
@@ -52,42 +44,6 @@ class StepsDone(NamedTuple):
     seconds_per_step: float
     """Since the previous gathering."""
     running_loss: Optional[float]
-
-
-def warn(line: str) -> None:
-    print(f"raytorch: warning: {line}", file=sys.stderr, flush=True)
-
-
-class Console(Callback):
-    """The console's event lines: an epoch's line (the seed note's), evaluations, early stops,
-    skipped steps, replicas that joined or moved."""
-
-    def __init__(self, say):
-        self.say = say
-
-    def on_epoch(self, record: dict) -> None:
-        wb = (record["w"], record["b"]) if "w" in record else None
-        self.say(epoch_line(record["epoch"], record["loss"], wb, record["eval_loss"], record["eval_accuracy"]))
-
-    def on_eval(self, record: dict) -> None:
-        accuracy = record["eval_accuracy"]
-        self.say(f"step {record['step']}: eval loss={record['eval_loss']:.6f}"
-                 + (f", accuracy={accuracy:.1%}" if accuracy is not None else ""))
-
-    def on_record(self, record: dict) -> None:
-        event = record["event"]
-        if event == "early_stop":
-            self.say(f"early stop at step {record['step']}: {record['metric']} has not improved on "
-                     f"{record['best']:.6f} for {record['evaluations']} evaluations")
-        elif event == "step_skipped":
-            self.say(f"step {record['step']}: non-finite loss or gradient on {record['replicas']}; update skipped")
-        elif event == "replica_joined":
-            self.say(f"{record['replica']} joined (room appeared): {record['workers']} replicas from step "
-                     f"{record['step']}, the same math")
-        elif event == "replicas_moved":
-            self.say(f"moved {', '.join(record['replicas'])} off a draining node before step {record['step']}: "
-                     "nothing redone")
-        super().on_record(record)
 
 
 class RunOutput:

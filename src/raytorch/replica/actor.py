@@ -6,14 +6,12 @@ The class is plain Python (tests build it in-process); the replica group runs it
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
-import sys
 import time
 from collections import deque
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import ray
@@ -21,85 +19,22 @@ import torch
 from torch import nn
 
 from ..config.schema import TrainConfig
+from ..core.naming import replica_name
 from ..core.snapshot import Snapshot
 from ..errors import NonFiniteError, PeerError, ReplicaError
-from ..output.metrics import ReplicaMetrics
-from ..output.report import replica_name
-from ..wire import collective
-from ..wire.collective import free_port
-from ..wire.sharded import release, shared_memory_report, shared_wire
-from ..wire.shared_memory import ObjectStoreWire, PeerFailed
-from .device import replica_device, torch_threads
+from ..wire.object_store import ObjectStoreWire
+from ..wire.protocol import PeerFailed, Wire
+from ..wire.sharded import ShardedUpdate, release
+from .device import replica_device
 from .learner import Learner
+from .metrics import ReplicaMetrics
+from .process import assigned_gpus, prepare_process, proportional_set_size, to_actor_log
+from .replies import Liveness, ReplicaInfo, RunReport, Score, StepSeconds
+from .wiring import collective_rendezvous, collective_wire, shared_memory_report, shared_wire
 
 # Global losses of the last steps this replica applied: what the driver had not gathered yet
 # when a peer died comes from here (calls in flight hold far fewer steps).
 LOSS_LOG_STEPS = 4096
-
-
-class StepSeconds(NamedTuple):
-    """A replica's own time on one step: the driver's measure of its speed (waits for peers left out)."""
-
-    compute: float
-    """Forward and backward: grows with the replica's samples."""
-    other: float
-    """The rest of its own work (applying the all-reduce, the optimizer step, publishing its gradient)."""
-
-
-class RunReport(NamedTuple):
-    """What Replica.run returns besides its gradient: per step of the call, the local mean loss
-    (None where this replica had no sample) and the seconds it took."""
-
-    losses: list[Optional[float]]
-    seconds: list[StepSeconds]
-
-
-def proportional_set_size() -> int:
-    """This process's memory in bytes, shared pages split among the processes that map them (Linux PSS)."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return 0
-
-
-def assigned_gpus() -> list[str]:
-    """Ids of the GPUs Ray assigned this process (none outside Ray)."""
-    return ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep large freed blocks for reuse instead of returning them to the kernel.
-
-    Every step allocates and frees gradient-sized tensors (backward's fresh gradients); by default
-    glibc maps each one anew and unmaps it when freed, so each step pays a page fault per 4 KiB of
-    gradient: half of backward's time for a 67 MB gradient here (a 4096 x 4096 linear layer,
-    batch 1: 46 ms a step, 17 ms with this). Peak memory is unchanged: the blocks are reused.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
-    libc.mallopt(mmap_threshold, ctypes.c_int(2**30))
-    libc.mallopt(trim_threshold, ctypes.c_int(2**31 - 1))
-
-
-def prepare_process(cpus_per_replica: float) -> int:
-    """Set this process up for a replica (PyTorch's optimizer modules loaded, freed memory kept,
-    torch's threads); returns its memory then (PSS): the baseline before any model."""
-    import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
-
-    keep_freed_memory()
-    baseline = proportional_set_size()  # this process with PyTorch loaded, before any model
-    torch.set_num_threads(torch_threads(cpus_per_replica))
-    return baseline
-
-
-def to_actor_log(line: str) -> None:
-    """A line for this actor's log, on stderr (the tab the dashboard's actor page opens on); '': none."""
-    if line:
-        print(line, file=sys.stderr, flush=True)
 
 
 def _reported(method):
@@ -115,8 +50,8 @@ def _reported(method):
                 raise
             error = PeerError if isinstance(e, PeerFailed) else ReplicaError
             raise error(
-                f"replica {self.rank} failed in {method.__name__} after {self.steps} steps: {type(e).__name__}: {e}"
-            ) from e
+                f"replica {self.rank} failed in {method.__name__} after {self.steps} steps: {type(e).__name__}: {e}",
+                rank=self.rank, step=self.steps) from e
 
     return wrapper
 
@@ -138,7 +73,8 @@ class Replica:
         device = replica_device(config.device_of(rank), assigned_gpus())
         self.learner = Learner(config, device, model_fn, loss_fn, init_state, train_set, eval_set, total_steps,
                                **user_fns)
-        self.wire, self.sharded = ObjectStoreWire(), None  # sharded: a ShardedUpdate (zero.py) or None
+        self.wire: Wire = ObjectStoreWire()  # how its gradients travel: the group sets the wire up
+        self.sharded: Optional[ShardedUpdate] = None  # its update, where it is sharded (wire/sharded.py)
 
     # the learner's parts that callers look at
     model = property(lambda self: self.learner.model)
@@ -150,17 +86,17 @@ class Replica:
         return (f"Replica(rank={getattr(self, 'rank', '?')}, device={learner.device if learner else '?'}, "
                 f"run={getattr(self, 'run_name', '?')})")
 
-    def ready(self) -> dict:
+    def ready(self) -> ReplicaInfo:
         """Where this replica runs: answered once it is fully built."""
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
-                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-                **shared_memory_report(self.learner)}  # judged where the replica runs
+        return ReplicaInfo(rank=self.rank, pid=os.getpid(), device=str(self.device),
+                           node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+                           **shared_memory_report(self.learner))  # judged where the replica runs
 
     @_reported
     @ray.method(num_returns=2)  # innermost: Ray reads it from the unwrapped function
     def run(self, plan: list, *grads: np.ndarray) -> tuple[object, RunReport]:
         """Follow the driver's plan: per step, apply the previous step's all-reduce, then compute
-        the gradient of this replica's part of the batch (see plan.py for the format).
+        the gradient of this replica's part of the batch (see core/callplan.py for the format).
 
         Returns this call's last gradient as the wire hands it over, and the call's RunReport.
         """
@@ -201,7 +137,8 @@ class Replica:
         loss, what = self.learner.gradient(indices, share, into, self.steps)
         if what is not None:
             if self.on_nonfinite == "stop":
-                raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}")
+                raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}", rank=self.rank,
+                                     step=self.steps)
             loss = math.nan
         handed = self.learner.staging if into is None else into
         return self.wire.publish(handed, self.steps, loss), loss, self.learner.compute_s
@@ -229,7 +166,7 @@ class Replica:
 
     def share_memory(self, prefix: str, position: int, world: int) -> tuple[list[str], Optional[str]]:
         """Switch to fresh shared-memory buffers at `position` among `world` replicas on one node;
-        returns this replica's buffer paths, and why its update is not sharded (None: it is; zero.py)."""
+        returns this replica's buffer paths, and why its update is not sharded (None: it is; wire/sharded.py)."""
         getattr(self.wire, "unlink", lambda: None)()  # names of a set-up a lost peer broke off go too
         wire, sharded, unsharded = shared_wire(self.learner, prefix, position, world, self.steps)
         self._use(wire, sharded)
@@ -253,14 +190,13 @@ class Replica:
 
     def rendezvous(self) -> tuple[str, int]:
         """An address of this replica's node and a port free there: where a collective group meets."""
-        address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        return address, free_port(address)
+        return collective_rendezvous()
 
     def join_collective(self, position: int, world: int, address: str, port: int, timeout_s: float,
                         backend: str = "gloo", grad_dtype: str = "fp32") -> None:
-        """Switch to a (fresh) collective group (collective.join)."""
+        """Switch to a (fresh) collective group (wiring.collective_wire)."""
         self._use(ObjectStoreWire())  # the model its own again, and the wire's settings reset
-        self.wire = collective.join(self.learner, position, world, address, port, timeout_s, backend, grad_dtype)
+        self.wire = collective_wire(self.learner, position, world, address, port, timeout_s, backend, grad_dtype)
 
     def position(self) -> int:
         """Steps applied, answered after the calls queued before this one."""
@@ -273,17 +209,16 @@ class Replica:
         self.wire.unlink()
 
     @_reported
-    def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
+    def evaluate(self, indices: np.ndarray, chunk: int) -> Score:
         """Eval loss (and a classifier's accuracy) over the eval samples at `indices` (Learner.evaluate)."""
-        return self.learner.evaluate(indices, chunk)
+        return Score(*self.learner.evaluate(indices, chunk))
 
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
-    def ping(self, progress: str = "") -> dict:
+    def ping(self, progress: str = "") -> Liveness:
         """Liveness: steps applied, how long the current step has computed; `progress`: a line for this actor's log."""
         to_actor_log(progress)
         since = self.learner.computing_since
-        return {"steps": self.steps, "computing_s": None if since is None else time.monotonic() - since,
-                "redone": self.redone}
+        return Liveness(self.steps, None if since is None else time.monotonic() - since, self.redone)
 
     @ray.method(concurrency_group="health")
     def abandon(self, position: int) -> None:

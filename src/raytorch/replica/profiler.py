@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from ..output.report import replica_name
+from ..core.naming import replica_name
 
 PHASES = {"fetch": "fetch", "forward_backward": "forward+backward", "allreduce": "all-reduce",
           "optimizer": "optimizer"}

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..wire.shared_memory import PeerFailed
+from ..wire.protocol import PeerFailed
 
 _group: Optional[dist.ProcessGroup] = None  # this process's replicas' group; None: statistics stay local
 

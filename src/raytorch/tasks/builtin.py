@@ -1,4 +1,5 @@
-"""The built-in models, datasets and losses the CLI can name. Plain PyTorch: no Ray, no devices."""
+"""The built-in models, datasets and losses the CLI can name (their names: config/recipes.py, kept equal
+by tests/test_config.py). Plain PyTorch: no Ray, no devices."""
 
 from __future__ import annotations
 
@@ -95,12 +96,3 @@ DATASETS: dict[str, Task] = {
 }
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"linear": linear, "mlp": mlp}
-
-# What the CLI uses for each built-in dataset where neither flags nor the config file say
-# (cli.with_recipe). linear: the seed job's fast recipe; digits: 98% eval accuracy in plain
-# PyTorch (mlp, Adam 1e-2, batch 64, 20 epochs).
-RECIPES: dict[str, dict] = {
-    "linear": {"optimizer": "adam", "lr": 0.5, "lr_schedule": "cosine", "batch_size": 100, "epochs": 10},
-    "digits": {"optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64, "epochs": 20},
-    "classification": {"optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64, "epochs": 10},
-}

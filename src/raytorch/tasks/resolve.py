@@ -7,19 +7,20 @@
     --optimizer mypkg.opt:make           fn(model) -> torch.optim.Optimizer
     --lr-schedule mypkg.opt:schedule     fn(optimizer, total_steps) -> scheduler
 
-Everything is imported here, in the driver, before Ray starts: a bad path fails at once with the
+Everything is imported in the driver, before Ray starts (model, dataset and loss here; step,
+optimizer and schedule by config/imports.py's imported_fns): a bad path fails at once with the
 field and what failed to import.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 
+from ..config.imports import is_import_path, load
 from ..config.schema import TrainConfig
 from ..errors import ConfigError
 from . import builtin as builtins
@@ -33,38 +34,6 @@ class Training:
     dataset_fn: Callable
     eval_dataset_fn: Optional[Callable]
     loss_fn: Optional[Callable]
-
-
-def imported_fns(config: TrainConfig) -> dict[str, Optional[Callable]]:
-    """step_fn, optimizer_fn and schedule_fn that config names by import path (None where it does not)."""
-    def named(value: Optional[str], field: str) -> Optional[Callable]:
-        return load(value, field) if value is not None and is_import_path(value) else None
-
-    return {"step_fn": named(config.step, "step"), "optimizer_fn": named(config.optimizer, "optimizer"),
-            "schedule_fn": named(config.lr_schedule, "lr_schedule")}
-
-
-def is_import_path(name: str) -> bool:
-    return ":" in name
-
-
-def load(path: str, field: str) -> Any:
-    """The object at 'pkg.module:attr', or a ConfigError naming the field and what failed."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(field, f"{path!r} is not an import path: write it as pkg.module:name")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # an import runs the module's code: any error can come out of it
-        raise ConfigError(field, f"cannot import {module_name} ({type(e).__name__}: {e}); is it installed, or "
-                                 f"on PYTHONPATH?") from e
-    try:
-        target = module
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except AttributeError as e:
-        raise ConfigError(field, f"{module_name} has no {attr!r}") from e
-    return target
 
 
 def loss_function(name: str) -> Callable:
@@ -98,7 +67,7 @@ def training(config: TrainConfig) -> Training:
         raise ConfigError("model", "built-in models need a built-in dataset (their sizes come from it); with your "
                                    "own dataset give your own model: --model pkg.module:factory")
     if config.step is not None:
-        loss_fn = None  # the step computes the loss (imported_fns)
+        loss_fn = None  # the step computes the loss (config.imports.imported_fns)
     elif config.loss is not None:
         loss_fn = loss_function(config.loss)
     elif task is not None:

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..replica import syncbn
-from .shared_memory import PeerFailed
-
-if TYPE_CHECKING:
-    from ..replica.learner import Learner
+from .protocol import PeerFailed
 
 # Gradient elements per bucket: reduced while backward computes the earlier layers' gradients.
 # Small enough that a 17 MB gradient makes several buckets, large enough that each operation's
@@ -104,24 +100,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def join(learner: Learner, position: int, world: int, address: str, port: int, timeout_s: float,
-         backend: str = "gloo", grad_dtype: str = "fp32") -> CollectiveWire:
-    """`learner`'s wire in a (fresh) group of `world` replicas at `position`, meeting at
-    address:port: gloo over host buffers, or NCCL over the GPU's own (the gradient stays on the
-    device); gradients in bfloat16 on the wire with `grad_dtype` 'bf16' (TrainConfig.grad_dtype).
-    Its gradients come weighted by their share of the batch from now on."""
-    if backend == "nccl":
-        learner.reduce_on_device()
-    wire = CollectiveWire(position, world, address, port, timeout_s, learner.host_buffer, learner.grads.bounds,
-                          backend, torch.bfloat16 if grad_dtype == "bf16" else None)
-    learner.prescaled = True
-    if syncbn.synchronized(learner.model):  # sync_batchnorm: BatchNorm's statistics travel on the group too
-        syncbn.join(backend)
-    # backward's gradients land in the buffer itself (CPU, NCCL): buckets start as they fill
-    learner.grads.on_ready = wire.ready if learner.staging is learner.flat_grad else None
-    return wire
-
-
 class CollectiveWire:
     """The replica at `position` of a group of `world` (gloo or NCCL), over a buffer holding the
     gradient and the loss."""
@@ -131,7 +109,7 @@ class CollectiveWire:
 
     def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor,
                  bounds: Sequence[tuple[int, int]], backend: str = "gloo", wire_dtype: Optional[torch.dtype] = None):
-        """`buffer`: the replica's gradient and one element more (Learner.host_buffer), `bounds`
+        """`buffer`: the replica's gradient and one element more (its host buffer), `bounds`
         each parameter's place in it. On a CPU replica, or with NCCL, it is the gradient itself:
         all-reduced in place, bucket by bucket as backward fills it (`ready`); `wire_dtype`: see
         Buckets."""
@@ -148,7 +126,7 @@ class CollectiveWire:
         self.loss = 0.0
 
     def target(self, step: int) -> None:
-        """A step's gradient begins: its buckets start as they fill. The buffer is the learner's own."""
+        """A step's gradient begins: its buckets start as they fill. The buffer is the replica's own."""
         self.buckets.begin()
 
     def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[int, int]:
@@ -157,12 +135,12 @@ class CollectiveWire:
         self.loss = loss
         return self.position, step
 
-    def all_reduce(self, tokens: Sequence[tuple[int, int]], grad_weights: Sequence[float],
+    def all_reduce(self, items: Sequence[tuple[int, int]], grad_weights: Sequence[float],
                    loss_weights: Sequence[float], out: torch.Tensor) -> float:
-        """out = the sum over replicas of their gradients, weighted in backward (Learner.prescaled);
+        """out = the sum over replicas of their gradients, weighted in the replicas' backward;
         returns the sum of loss_weight * local loss. A replica with no sample in the step (not among
-        `tokens`) adds zeros."""
-        mine = [i for i, (position, _) in enumerate(tokens) if position == self.position]
+        the tokens `items`) adds zeros."""
+        mine = [i for i, (position, _) in enumerate(items) if position == self.position]
         if mine:
             self.buffer[-1] = loss_weights[mine[0]] * self.loss
         else:

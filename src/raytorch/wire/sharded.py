@@ -21,16 +21,13 @@ snapshot, a checkpoint) reads the whole state there. `why_not` names what keeps 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .shared_memory import SharedMemoryWire, shared_memory_available, shared_memory_room
-
-if TYPE_CHECKING:
-    from ..replica.learner import Learner
+from .shared_memory import SharedMemoryWire
 
 # (parameter index, start, end within the parameter's flat view, offset in the chunk)
 Slice = tuple[int, int, int, int]
@@ -199,31 +196,3 @@ def release(update: Optional[ShardedUpdate]) -> None:
     """The model's parameters its own again where `update` shares them (ShardedUpdate.release)."""
     if update is not None:
         update.release()
-
-
-def unsharded(learner: Learner) -> Optional[str]:
-    """Why `learner`'s update cannot be sharded (why_not), whatever the number of replicas."""
-    return why_not(learner.optimizer, learner.grads.params, learner.flat_grad, statistics=bool(learner.grads.stats),
-                   grad_clip=learner.grad_clip, scaled=learner.scaler is not None)
-
-
-def shared_memory_report(learner: Learner) -> dict:
-    """What the driver needs to know of this replica's /dev/shm to pick the wire: whether it can be
-    used, its free bytes, the gradient's bytes, and the model-sized buffers a sharded update of
-    `learner` would map past two replicas (wire.shared_memory_shortfall)."""
-    grad = learner.host_grad
-    return {"shared_memory": shared_memory_available(), "shm_free": shared_memory_room(),
-            "grad_bytes": grad.numel() * grad.element_size(),
-            "shared_buffers": 0 if unsharded(learner) else 2 * len(shared_names(learner.optimizer))}
-
-
-def shared_wire(learner: Learner, prefix: str, position: int, world: int, step: int
-                ) -> tuple[SharedMemoryWire, Optional[ShardedUpdate], Optional[str]]:
-    """A shared-memory wire for `learner` at `position` among `world` replicas, whose next gradient
-    is for global step `step`; its sharded update (None where the update is not sharded) and why not."""
-    why = "two replicas" if world <= 2 else unsharded(learner)
-    grad = learner.host_grad
-    wire = SharedMemoryWire(position, grad.numel(), grad.numpy().dtype, prefix, step=step, world=world,
-                            shared=() if why else shared_names(learner.optimizer))
-    update = None if why else ShardedUpdate(learner.optimizer, learner.grads.params, wire.chunks, position)
-    return wire, update, why

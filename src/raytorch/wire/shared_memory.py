@@ -1,24 +1,19 @@
-"""How a replica hands its gradient to its peers: the transport half of the all-reduce.
-
-The driver decides every step and tells each replica which gradients to sum, with which weights;
-a wire decides how those gradients travel. Every wire sums each element over the same gradients,
-with the same weights, in the same (rank) order, so the reduced gradient has the same bits on
-every replica and on every wire.
-"""
+"""The shared-memory wire: replicas on one node read each other's gradients straight from /dev/shm,
+ordered by counters in each replica's control block, not by the driver."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from ..core.reduce import chunk_bounds, weighted_sum
+from .protocol import PeerFailed, sum_whole, weighted_loss
 
 SHM_DIR = Path("/dev/shm")
 PEER_TIMEOUT_S = 120.0
@@ -38,46 +33,6 @@ class Buffers(NamedTuple):
     grads: list[np.ndarray]
     reduced: list[np.ndarray]
     control: np.ndarray
-
-
-class PeerFailed(RuntimeError):
-    """A peer this replica waits for failed or died: this replica stops too, as a consequence."""
-
-
-class ObjectStoreWire:
-    """The gradient is the step's return value: Ray copies it into the object store once, peers on
-    the same node read it zero-copy, other nodes fetch it. The driver passes the references on, so
-    Ray itself orders each step after the previous one."""
-
-    kind = "object_store"
-    waited = 0.0  # Ray resolves the peers' gradients before a call starts: no wait inside one
-    buffer_bytes = 0  # the object store holds the gradients
-
-    def target(self, step: int) -> None:
-        return None  # the replica's own buffer: Ray copies it into the object store
-
-    def publish(self, flat: torch.Tensor, step: int, loss: float) -> tuple[np.ndarray, float]:
-        return flat.detach().cpu().numpy(), loss
-
-    def read(self, item: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
-        """A peer's gradient and the local loss that came with it."""
-        return item
-
-    def all_reduce(self, items: Sequence, grad_weights: Sequence[float], loss_weights: Sequence[float],
-                   out: torch.Tensor) -> float:
-        """out = sum of grad_weights[i] * gradient i, in order; returns the sum of loss_weights[i] *
-        its local loss. Every replica reads every routed gradient whole: fine within a node, where
-        Ray maps them zero-copy."""
-        return weighted_loss(loss_weights, sum_whole(self, items, grad_weights, out))
-
-    def applied(self, step: int) -> None:
-        pass
-
-    def fail(self) -> None:
-        pass
-
-    def abandon(self, rank: int) -> None:
-        pass  # a dead peer's objects fail by themselves: Ray reports the actor's death
 
 
 class SharedMemoryWire:
@@ -107,7 +62,7 @@ class SharedMemoryWire:
     def __init__(self, rank: int, numel: int, dtype: np.dtype, prefix: str, step: int = 0, world: int = 1,
                  shared: Sequence[str] = ()):
         """Buffers for the replica at wire position `rank` of `world`, whose next gradient is for
-        global step `step`; `shared`: with a sharded update (zero.py), the names of what the replicas
+        global step `step`; `shared`: with a sharded update (sharded.py), the names of what the replicas
         step together in shared buffers ('params', then the optimizer's state by its keys)."""
         self.rank = rank
         self.chunks = chunk_bounds(numel, world)
@@ -182,14 +137,14 @@ class SharedMemoryWire:
         self._wait(rank, lambda: peer.control[PUBLISHED] >= step, f"to publish step {step}")
         return peer.grads[step % 2], float(peer.control[LOSS:].view(np.float64)[step % 2])
 
-    def all_reduce(self, tokens: Sequence[tuple[int, int]], grad_weights: Sequence[float],
+    def all_reduce(self, items: Sequence[tuple[int, int]], grad_weights: Sequence[float],
                    loss_weights: Sequence[float], out: torch.Tensor) -> float:
-        """out = sum of grad_weights[i] * the gradient at tokens[i], in order (reduce-scatter, then
-        all-gather; see the class); returns the sum of loss_weights[i] * its local loss."""
+        """out = sum of grad_weights[i] * the gradient at token items[i], in order (reduce-scatter,
+        then all-gather; see the class); returns the sum of loss_weights[i] * its local loss."""
         if len(self.chunks) <= 2:  # see the class: two replicas sum whole gradients
-            return weighted_loss(loss_weights, sum_whole(self, tokens, grad_weights, out))
-        step = tokens[0][1]
-        loss, _ = self.reduce_scatter(tokens, grad_weights, loss_weights)
+            return weighted_loss(loss_weights, sum_whole(self.read, items, grad_weights, out))
+        step = items[0][1]
+        loss, _ = self.reduce_scatter(items, grad_weights, loss_weights)
         self.own.control[REDUCED] = step
         gathered = out.numpy()
         for rank in sorted(self.peers):  # all-gather: every replica's reduced chunk, in place
@@ -260,19 +215,6 @@ class SharedMemoryWire:
         self.waited += time.monotonic() - started
 
 
-def sum_whole(wire, items: Sequence, weights: Sequence[float], out: torch.Tensor) -> list[float]:
-    """out = sum of weights[i] * the whole gradient of items[i] as `wire` reads it, in order;
-    returns each gradient's local loss. Every replica reads every gradient: (W - 1) gradients a step."""
-    read = [wire.read(item) for item in items]
-    weighted_sum([grad for grad, _ in read], weights, out=out)
-    return [loss for _, loss in read]
-
-
-def weighted_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
-    """The global loss: each part's local mean loss weighted by its share of the batch, in order."""
-    return sum(w * loss for w, loss in zip(weights, losses))
-
-
 def _alive(pid: int | None) -> bool:
     if pid is None:
         return True
@@ -283,56 +225,3 @@ def _alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def choose(reduction: str, nodes: int, shared_memory: bool, whole_gpus: bool = False, group: Optional[str] = None,
-           short: Optional[str] = None) -> tuple[str, str]:
-    """The wire for TrainConfig.reduction `reduction` with the replicas on `nodes` nodes (and /dev/shm
-    usable by all where `shared_memory`, unless `short` says why it is too small; each on a GPU of
-    its own where `whole_gpus`; `group`: why the run needs a process group, where it does), and why, in
-    words. ValueError where shared memory is asked for and cannot work."""
-    local = nodes == 1 and shared_memory and short is None
-    if reduction == "shared_memory" and not local:
-        where = short if nodes == 1 and shared_memory else f"they are on {nodes} node(s)"
-        raise ValueError(f"reduction 'shared_memory' needs all replicas on one x86 node with room in /dev/shm; "
-                         f"{where}: use reduction 'auto', 'collective' or 'object_store'")
-    if reduction != "auto":
-        return reduction, "as asked" + (" (NCCL: every replica holds a whole GPU)" if whole_gpus
-                                        and reduction == "collective" else "")
-    if whole_gpus:
-        return "collective", "every replica holds a whole GPU: NCCL all-reduces the gradients on the GPUs"
-    if group:
-        return "collective", f"{group}: they travel on a gloo process group"
-    if local:
-        return "shared_memory", "all replicas on one node read each other's gradients in /dev/shm"
-    where = f"replicas on {nodes} nodes" if nodes > 1 else short or "no shared memory usable here"
-    return "collective", f"{where}: a gloo ring all-reduce among them, ~2 gradients a replica a step"
-
-
-def shared_memory_room() -> int:
-    """Bytes free in /dev/shm here (0 where there is none): what the shared-memory wire may map."""
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return 0
-    return stat.f_bavail * stat.f_frsize
-
-
-def shared_memory_shortfall(infos: Sequence[dict]) -> Optional[str]:
-    """Why /dev/shm cannot hold the shared-memory wire of the replicas `infos` describe (Replica.ready:
-    its free bytes, the gradient's bytes, and the model-sized buffers a sharded update would add
-    past two replicas), in words; None where it can. The files are sparse: past the room, a replica
-    would die of SIGBUS when it first writes there, not fail at the start."""
-    world, grad = len(infos), max(info["grad_bytes"] for info in infos)
-    need = world * (2 * grad + 2 * -(-grad // world)) + (max(info["shared_buffers"] for info in infos) * grad
-                                                        if world > 2 else 0)
-    room = min(info["shm_free"] for info in infos)
-    if need <= room:
-        return None
-    return (f"/dev/shm has {room / 2**20:,.0f} MiB free and the shared-memory wire of {world} replicas needs "
-            f"~{need / 2**20:,.0f} MiB (a container's is often 64 MiB: docker run --shm-size)")
-
-
-def shared_memory_available() -> bool:
-    """True where replicas on one node can use SharedMemoryWire (see its note on x86)."""
-    return platform.machine() in ("x86_64", "AMD64") and SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)

@@ -1,0 +1,62 @@
+"""The console's lines: an epoch's (the seed note's), the final loss, the run's summary, why a
+split is uneven, the restarts; and the seed's linear model read as its w and b."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+
+def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for a 1 -> 1 linear model: one weight and one bias of one element each."""
+    return (len(state) == 2 and all(t.numel() == 1 for t in state.values())
+            and sorted(k.rsplit(".", 1)[-1] for k in state) == ["bias", "weight"])
+
+
+def scalar_linear_values(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The linear model's {"w": weight, "b": bias} (see is_scalar_linear)."""
+    values = {k.rsplit(".", 1)[-1]: t.item() for k, t in state.items()}
+    return {"w": values["weight"], "b": values["bias"]}
+
+
+def epoch_line(epoch: int, loss: float, wb: Optional[tuple[float, float]] = None,
+               eval_loss: Optional[float] = None, accuracy: Optional[float] = None) -> str:
+    """'Epoch 0: loss=5.941978 (w=2.011, b=0.402)' for the linear model (`wb`: its w and b), the
+    eval loss (and a classifier's eval accuracy) for others."""
+    line = f"Epoch {epoch}: loss={loss:.6f}"
+    if wb is not None:
+        return f"{line} (w={wb[0]:.3f}, b={wb[1]:.3f})"
+    if eval_loss is not None:
+        right = f", accuracy={accuracy:.1%}" if accuracy is not None else ""
+        return f"{line} (eval loss={eval_loss:.6f}{right})"
+    return line
+
+
+def final_line(eval_loss: float) -> str:
+    return f"Final loss is: {eval_loss:.6f}"
+
+
+def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: int, wall_s: float,
+                 workers: int) -> str:
+    """The run's last line: what it reached and what it cost."""
+    evaluated = f", eval loss {eval_loss:.6f}" if eval_loss is not None else ""
+    return (f"Done: {steps} steps on {workers} replicas in {wall_s:.1f} s ({samples / wall_s:,.0f} samples/s); "
+            f"last epoch loss {loss:.6f}{evaluated}")
+
+
+def uneven_line(small: str, large: str, slower: float) -> str:
+    """Why an adaptive split is far from even, in one line."""
+    return (f"split far from even: {small} measured {slower:.1f}x the time per sample of {large}, so it takes fewer "
+            f"samples and neither waits for the other (a replica that shares its core with the driver or other "
+            f"work measures slower; --split even cuts evenly)")
+
+
+def restarts_line(restarts: list[dict]) -> str:
+    """'restarts: 1 (replica-1, step 412, ActorDiedError)'."""
+    described = "; ".join(f"{', '.join(r['replicas'])}, "
+                          + (f"step {r['step']}" if r["step"] is not None else f"while {r['phase']}")
+                          + f", {r['cause']}"
+                          + (f", continued without {', '.join(r['dropped'])}" if r["dropped"] else "")
+                          for r in restarts)
+    return f"restarts: {len(restarts)} ({described})"

@@ -1,0 +1,21 @@
+"""A replica's Ray metrics (ray.util.metrics), beside the driver's (output/metrics.py): the time
+its all-reduce takes, tagged by run and replica."""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+from ..output.metrics import STEP_BOUNDARIES
+
+
+class ReplicaMetrics:
+    """A replica's metrics: the time its all-reduce takes (reading and summing its peers' gradients,
+    waiting for them included), observed once per call as the mean over the call's steps."""
+
+    def __init__(self, run: str, replica: str):
+        self.tags = {"run": run, "replica": replica}
+        self.allreduce = metrics.Histogram("raytorch_allreduce_seconds", "All-reduce time per step, per replica",
+                                           boundaries=STEP_BOUNDARIES, tag_keys=("run", "replica"))
+
+    def allreduced(self, seconds_per_step: float) -> None:
+        self.allreduce.observe(seconds_per_step, tags=self.tags)
