@@ -1,6 +1,7 @@
 """The per-call plan (pure) and the shared-memory wire's ordering, in-process: no Ray."""
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -182,18 +183,26 @@ def test_auto_picks_shared_memory_on_one_node_and_gloo_across_nodes():
         choose("shared_memory", nodes=2, shared_memory=True)
 
 
+class Room(NamedTuple):
+    """What ReplicaInfo says of a replica's /dev/shm (wire.choice.ShmRoom)."""
+
+    grad_bytes: int
+    shared_buffers: int
+    shm_free: int
+
+
 def test_a_dev_shm_too_small_for_the_wire_picks_gloo_or_says_so_before_any_step():
     """The shared-memory wire's files are sparse: past /dev/shm's room a replica would die of SIGBUS
     mid-run. 4 replicas, 100 MiB of gradient: 2 gradients and 2 reduced chunks each (1,000 MiB),
     plus the sharded update's shared buffers (Adam: parameters and 2 moments, two of each: 600)."""
     mib = 2**20
-    infos = [{"grad_bytes": 100 * mib, "shared_buffers": 6, "shm_free": 64 * mib} for _ in range(4)]
+    infos = [Room(grad_bytes=100 * mib, shared_buffers=6, shm_free=64 * mib)] * 4
     short = shared_memory_shortfall(infos)
     assert short.startswith("/dev/shm has 64 MiB free and the shared-memory wire of 4 replicas needs ~1,600 MiB")
-    assert shared_memory_shortfall([{**i, "shm_free": 1600 * mib} for i in infos]) is None
-    assert shared_memory_shortfall([{**i, "shm_free": 1599 * mib} for i in infos]) is not None
+    assert shared_memory_shortfall([i._replace(shm_free=1600 * mib) for i in infos]) is None
+    assert shared_memory_shortfall([i._replace(shm_free=1599 * mib) for i in infos]) is not None
     # two replicas: no sharded update, no shared buffers (2 x (200 + 100) MiB)
-    assert shared_memory_shortfall([{**i, "shm_free": 600 * mib} for i in infos[:2]]) is None
+    assert shared_memory_shortfall([i._replace(shm_free=600 * mib) for i in infos[:2]]) is None
     wire, why = choose("auto", nodes=1, shared_memory=True, short=short)
     assert wire == "collective" and why.startswith("/dev/shm has 64 MiB free") and "gloo" in why
     with pytest.raises(ValueError, match="'shared_memory' needs .* room in /dev/shm; /dev/shm has 64 MiB free"):

@@ -3,8 +3,6 @@ wire with its reasons, and the calls that connect every replica to it."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..config.schema import TrainConfig
 from ..errors import ClusterError
 from ..replica.device import whole_gpus
@@ -24,7 +22,7 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[ReplicaInfo], pr
     try:
         wire, why = choose(config.reduction, len({info.node_id for info in infos}),
                            all(info.shared_memory for info in infos), on_gpus, group,
-                           shared_memory_shortfall([dataclasses.asdict(info) for info in infos]))
+                           shared_memory_shortfall(infos))
     except ValueError as e:
         raise ClusterError(str(e)) from e
     if wire == "collective":  # a fresh group: the first replica's node hosts the rendezvous

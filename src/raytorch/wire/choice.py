@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from .shared_memory import SHM_DIR
 
@@ -43,15 +43,24 @@ def shared_memory_room() -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def shared_memory_shortfall(infos: Sequence[dict]) -> Optional[str]:
+class ShmRoom(Protocol):
+    """What a replica reports of its /dev/shm and of what its shared-memory wire would need
+    (replica/replies.py's ReplicaInfo has these fields)."""
+
+    grad_bytes: int
+    shared_buffers: int
+    shm_free: int
+
+
+def shared_memory_shortfall(infos: Sequence[ShmRoom]) -> Optional[str]:
     """Why /dev/shm cannot hold the shared-memory wire of the replicas `infos` describe (Replica.ready:
     its free bytes, the gradient's bytes, and the model-sized buffers a sharded update would add
     past two replicas), in words; None where it can. The files are sparse: past the room, a replica
     would die of SIGBUS when it first writes there, not fail at the start."""
-    world, grad = len(infos), max(info["grad_bytes"] for info in infos)
-    need = world * (2 * grad + 2 * -(-grad // world)) + (max(info["shared_buffers"] for info in infos) * grad
+    world, grad = len(infos), max(info.grad_bytes for info in infos)
+    need = world * (2 * grad + 2 * -(-grad // world)) + (max(info.shared_buffers for info in infos) * grad
                                                         if world > 2 else 0)
-    room = min(info["shm_free"] for info in infos)
+    room = min(info.shm_free for info in infos)
     if need <= room:
         return None
     return (f"/dev/shm has {room / 2**20:,.0f} MiB free and the shared-memory wire of {world} replicas needs "
