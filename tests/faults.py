@@ -5,41 +5,52 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 
 class Gate:
     """A forward pre-hook: the module's training forwards, from the `at`-th on in each process,
-    write `<folder>/reached-<pid>` and then wait while `<folder>/hold` exists.
+    write `<folder>/reached-<pid>` and then wait while `<folder>/hold` exists; with `only`, only
+    the replica of that name (its Ray actor's) waits, and the others go on.
 
     The test holds the run at a known step, injects its fault into a process it found through
     Ray's state API, and removes `hold`: the fault always lands mid-run. A replacement replica
-    is a new process, so it meets the gate only after its own `at` forwards.
+    is a new process, so it meets the gate only after its own `at` forwards (and has a name of
+    its own). Holding only the victim leaves its peers waiting for it on the wire, not computing:
+    however long the test takes to inject, they are never counted hung.
     """
 
-    def __init__(self, folder: str, at: int):
-        self.folder, self.at, self.calls = Path(folder), at, 0
+    def __init__(self, folder: str, at: int, only: Optional[str] = None):
+        self.folder, self.at, self.only, self.calls = Path(folder), at, only, 0
 
     def __call__(self, module, inputs):
         if module.training:
             self.calls += 1
             if self.calls == self.at:
                 (self.folder / f"reached-{os.getpid()}").touch()
-            while self.calls >= self.at and (self.folder / "hold").exists():
+            while self.calls >= self.at and self.holds() and (self.folder / "hold").exists():
                 time.sleep(0.005)  # a replica held on purpose: no event reaches it but the file
 
+    def holds(self) -> bool:
+        if self.only is None:
+            return True
+        import ray
 
-def gated(model_fn, folder: str, at: int) -> torch.nn.Module:
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_name() == self.only
+
+
+def gated(model_fn, folder: str, at: int, only: Optional[str] = None) -> torch.nn.Module:
     """model_fn() with a Gate on its forward."""
     model = model_fn()
-    model.register_forward_pre_hook(Gate(folder, at))
+    model.register_forward_pre_hook(Gate(folder, at, only))
     return model
 
 
-def Gated(folder: str, at: int) -> torch.nn.Module:  # noqa: N802  (reads as the model it builds)
+def Gated(folder: str, at: int, only: Optional[str] = None) -> torch.nn.Module:  # noqa: N802  (reads as the model)
     """A gated 1 -> 1 linear model."""
-    return gated(partial(torch.nn.Linear, 1, 1), folder, at)
+    return gated(partial(torch.nn.Linear, 1, 1), folder, at, only)
 
 
 class Poisoned(torch.nn.Linear):

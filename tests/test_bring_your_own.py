@@ -47,6 +47,7 @@ def test_your_dataset_needs_your_model_and_a_loss():
         training(TrainConfig(dataset="user_code:train_only", model="user_code:model"))
 
 
+@pytest.mark.system
 def test_cli_trains_your_model_on_your_data_like_plain_pytorch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -89,6 +90,7 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
                                                        lr_schedule="constant", optimizer="adam")
 
 
+@pytest.mark.system
 def test_the_worked_example_runs_as_documented(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)

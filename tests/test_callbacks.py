@@ -184,6 +184,7 @@ def tracked_run(ray_local, mlflow_server, tmp_path_factory):
     return root, recorder, callbacks, result
 
 
+@pytest.mark.system
 def test_a_callback_sees_the_run_as_it_goes(tracked_run):
     root, recorder, _, result = tracked_run
     (start,) = recorder.of("start")
@@ -207,6 +208,7 @@ def mlflow_run(client):
     return run
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("store", ["server", "file"])
 def test_mlflow_holds_the_config_the_curves_and_the_model(tracked_run, mlflow_server, store, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -231,6 +233,7 @@ def test_mlflow_holds_the_config_the_curves_and_the_model(tracked_run, mlflow_se
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+@pytest.mark.system
 def test_wandb_offline_run_is_written_and_sync_reads_it(tracked_run):
     root, _, callbacks, _ = tracked_run
     (run_dir,) = (root / "wandb").glob("offline-run-*")
@@ -245,6 +248,7 @@ def test_wandb_offline_run_is_written_and_sync_reads_it(tracked_run):
     assert "Would sync 1 run(s)" in sync.stdout + sync.stderr and events.name in sync.stdout + sync.stderr
 
 
+@pytest.mark.system
 def test_the_final_model_loads_back_from_safetensors_in_one_line(tracked_run):
     root, _, _, result = tracked_run
     model = mlp()

@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,27 @@ ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD_S = 240  # a guard against hangs, not a timing assertion
 
 
-def run_script(*args, cwd=ROOT):
+def run_script(*args, cwd=ROOT, ray_dir=None):
+    """scripts/train.py; the local Ray it starts keeps its files (session, logs) under `ray_dir`."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_dir is not None:
+        env["RAY_TMPDIR"] = str(ray_dir)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
-def test_default_job_reproduces_the_seed_note():
-    proc = run_script()
+@pytest.fixture
+def ray_dir():
+    """A directory of the test's own for the files of a Ray a script starts (its session's logs: not
+    those of whichever Ray of this machine /tmp/ray/session_latest names); short, for Ray's sockets."""
+    path = tempfile.mkdtemp(prefix="rt-cli-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.system
+def test_default_job_reproduces_the_seed_note(ray_dir):
+    proc = run_script(ray_dir=ray_dir)
     assert proc.returncode == 0, proc.stderr
     epochs = re.findall(r"^Epoch (\d+): loss=([\d.]+) \(w=([-\d.]+), b=([-\d.]+)\)$", proc.stdout, re.M)
     assert [int(e[0]) for e in epochs] == list(range(10))
@@ -40,7 +55,8 @@ def test_default_job_reproduces_the_seed_note():
                      r"eval loss [\d.]+$", proc.stdout, re.M)
     # progress went to the first replica's actor log (the dashboard's Actors page), not twice to the console
     assert "[raytorch progress]" not in proc.stdout + proc.stderr
-    logs = Path("/tmp/ray/session_latest/logs")
+    logs = ray_dir / "ray" / "session_latest" / "logs"  # the session of the Ray this run started
+    assert list(logs.glob("worker-*.err")), sorted(p.name for p in logs.parent.parent.iterdir())
     marked = [line for path in logs.glob("worker-*.err") for line in path.read_text(errors="replace").splitlines()
               if line.startswith("[raytorch progress] epoch")]
     assert sum(" done," in line for line in marked) == 10, marked  # one at each epoch's end
@@ -96,6 +112,7 @@ def _closed_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.system
 def test_unreachable_address_fails_fast():
     proc = run_script("--address", f"127.0.0.1:{_closed_port()}")
     assert proc.returncode == 1
@@ -143,6 +160,7 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in out
 
 
+@pytest.mark.system
 def test_quiet_prints_nothing_and_still_trains(tmp_path):
     proc = run_script("--quiet", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr

@@ -36,6 +36,7 @@ def prometheus(port: int, run: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.system
 def test_a_run_in_the_state_api_the_jobs_page_prometheus_and_its_run_directory(ray_local, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
@@ -51,8 +52,12 @@ def test_a_run_in_the_state_api_the_jobs_page_prometheus_and_its_run_directory(r
         run, dashboard = started.groups()
         wait_for(lambda: len(list(gate.glob("reached-*"))) == 2 or driver.poll() is not None, "replicas at the gate")
         assert driver.poll() is None
-        # the state API: named replicas in the run's namespace, their repr naming the run
-        actors = [a for a in list_actors(filters=[("ray_namespace", "=", run)], detail=True) if a.state == "ALIVE"]
+        # the state API (of this session's Ray: without an address Ray looks for the Ray of this
+        # machine, and refuses where it finds several): named replicas in the run's namespace, their
+        # repr naming the run
+        address = ray_local.get_runtime_context().gcs_address
+        actors = [a for a in list_actors(address=address, filters=[("ray_namespace", "=", run)], detail=True)
+                  if a.state == "ALIVE"]
         assert sorted(a.name for a in actors) == ["replica-0", "replica-1"]
         assert all(a.repr_name.endswith(f"device=cpu, run={run})") for a in actors), [a.repr_name for a in actors]
         # the job, with its name and config, as the Jobs page reads it
@@ -61,7 +66,7 @@ def test_a_run_in_the_state_api_the_jobs_page_prometheus_and_its_run_directory(r
         assert job["status"] == "RUNNING" and json.loads(job["metadata"]["raytorch_config"])["workers"] == 2
         # step calls named for the task list (task events reach the GCS in batches)
         def step_calls():
-            names = {t.name for t in list_tasks(filters=[("job_id", "=", job["job_id"])], limit=1000)}
+            names = {t.name for t in list_tasks(address=address, filters=[("job_id", "=", job["job_id"])], limit=1000)}
             return sorted(n for n in names if re.fullmatch(r"epoch 0 steps \d+-\d+", n))
 
         assert wait_for(lambda: len(calls := step_calls()) >= 2 and calls, "named step calls")[0] == "epoch 0 steps 0-0"
@@ -113,6 +118,7 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
     assert [e.value for e in events.Scalars("train/epoch_loss")] == pytest.approx(result.epoch_losses, rel=1e-6)
 
 
+@pytest.mark.system
 def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
     """`ray start --head` on 127.0.0.1, then `raytorch train --submit` (Ray's Job Submission SDK, the
     repository as working directory): the job succeeds and carries its name, the console follows its
@@ -154,7 +160,9 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
         assert "8 replicas of 1 CPU each cannot fit" in failed.stdout + failed.stderr
         assert re.search(r"raytorch: job \S+ failed", failed.stderr), failed.stderr
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
+        # `ray start --block` stops its cluster on SIGTERM, in ~4 s (sent to its whole process group
+        # instead, the signal reaches its children too, and it took 35-60 s to exit)
+        head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
         left = wait_until_gone(temp_dir, timeout_s=30)
         for pid in left:

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from faults import PhaseFault, gated, phase_fault_sgd
 from raytorch import TrainConfig, Trainer
+from raytorch.driver import trainer
 from raytorch.persist.checkpoint import listed
-from test_reliability import DATA, JOB, assert_matches_reference, inject, sigkill
+from test_driver_unit import InProcess
+from test_reliability import DATA, JOB, KILLED_STEP_TIMEOUT_S, assert_matches_reference, inject, sigkill
 
 
 @pytest.mark.parametrize("phase", ["start", "first_step", "evaluation", "finish"])
@@ -52,7 +54,7 @@ def test_a_replica_lost_during_a_recovery_is_replaced_too(ray_local, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "hold").touch()
-    config = TrainConfig(**JOB, workers=2, step_timeout=2.0)
+    config = TrainConfig(**JOB, workers=2, step_timeout=KILLED_STEP_TIMEOUT_S)  # killed: seen at once
     injector = inject(gate, 2, sigkill)  # replica-1 killed at the gate; its replacement dies loading the state
     result = Trainer(config, model_fn=partial(gated, partial(torch.nn.Linear, 1, 1), str(gate), 40), dataset_fn=DATA,
                      loss_fn=F.mse_loss, optimizer_fn=partial(phase_fault_sgd, str(tmp_path), "restore", JOB["lr"]),
@@ -67,7 +69,14 @@ def test_a_replica_lost_during_a_recovery_is_replaced_too(ray_local, tmp_path):
 def test_a_replica_lost_while_a_resume_restores_is_replaced(ray_local, tmp_path, capsys):
     run = tmp_path / "run"
     config = TrainConfig(**JOB, workers=2, output_dir=str(run), checkpoint_every=20, keep_checkpoints=100)
-    Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss, quiet=True).fit()
+    # the run to resume on in-process replicas (tests/fakegroup.py): the driver writes its checkpoints from the
+    # same Replica code's state; only the resumed run, whose restore loses a replica, needs real ones
+    with pytest.MonkeyPatch.context() as patch:
+        runs = InProcess()
+        patch.setattr(trainer, "replica_group", runs.replica_group)
+        patch.setattr(trainer, "ray_session", runs.ray_session)
+        Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
+                quiet=True).fit()
     for path in listed(run):  # the run "stopped" after step 40
         if int(path.name[5:14]) > 40:
             path.unlink()

@@ -75,6 +75,7 @@ def wait_until_gone(marker: str, timeout_s: float = 15.0) -> list[int]:
     return left
 
 
+@pytest.mark.system
 def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_trains():
     # Worker nodes of 2 CPUs each: 3 one-CPU replicas fit on 2 of them (pack) or take all 3 (spread).
     runs = run_job("--nodes", "3", "--cpus-per-node", "2", "--workers", "3", "--placement", "spread",
@@ -98,6 +99,7 @@ def assert_trained_what_one_process_trains(run: dict, job: dict = JOB) -> None:
     assert run["epoch_losses"] == pytest.approx(expected_losses, rel=1e-5)
 
 
+@pytest.mark.system
 def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewer():
     replaced, shrunk = run_job("--nodes", "3", "--cpus-per-node", "1", "--node-loss")
     for run in (replaced, shrunk):
@@ -109,6 +111,7 @@ def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewe
     assert restart["dropped"] == ["replica-1"] and restart["workers"] == 1
 
 
+@pytest.mark.system
 def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves():
     [run] = run_job("--nodes", "2", "--cpus-per-node", "1", "--elastic")
     assert run["events"] == ["node added", "node removed"], run["console"]
@@ -119,6 +122,7 @@ def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves
     assert_trained_what_one_process_trains(run, ELASTIC_JOB)
 
 
+@pytest.mark.system
 def test_a_replica_on_a_draining_node_is_moved_before_the_node_goes_with_nothing_redone():
     [run] = run_job("--nodes", "3", "--cpus-per-node", "1", "--drain")
     assert run["events"] == ["node draining", "node removed"], run["console"]

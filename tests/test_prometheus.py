@@ -16,6 +16,8 @@ from torch import nn
 from raytorch import Callback, TrainConfig, Trainer
 from test_ray_up import free_port
 
+pytestmark = pytest.mark.system  # a Prometheus server scrapes the session's Ray
+
 PROMETHEUS = shutil.which("prometheus")
 WAIT_S = 90.0  # Ray exports about every 10 s; a guard, not a timing assertion
 

@@ -37,7 +37,7 @@ HANG_GUARD_S = 120  # per command: a guard against hangs, not a timing assertion
 TRAIN = "python scripts/train.py --address auto --epochs 1 --workers 1"  # the job, run on the head
 
 # Registered in pyproject.toml's `markers`; `-m "not ray_up"` deselects this module.
-pytestmark = pytest.mark.ray_up
+pytestmark = [pytest.mark.ray_up, pytest.mark.system]
 
 SSHD_CONFIG = """\
 ListenAddress 127.0.0.1

@@ -281,6 +281,7 @@ def bucket(s3_endpoint, monkeypatch):
     shutil.rmtree(staging_dir(f"s3://{name}/run").parent, ignore_errors=True)
 
 
+@pytest.mark.system
 def test_a_bucket_that_does_not_exist_is_said_before_the_run(bucket):
     with pytest.raises(ConfigError, match=r"^output_dir: cannot write to s3://no-such-bucket/run \(.*\); check "
                                           r"that the bucket exists and the credentials"):
@@ -291,6 +292,7 @@ JOB = dict(epochs=2, batch_size=16, lr=1e-4, optimizer="sgd", seed=3)  # 30 step
 DATA = partial(linear_data, 480, 3)
 
 
+@pytest.mark.system
 def test_a_run_on_s3_checkpoints_there_and_resumes_from_it(ray_local, bucket, capsys):
     url = f"s3://{bucket}/run"
     config = TrainConfig(**JOB, workers=2, output_dir=url, checkpoint_every=10, keep_checkpoints=100)

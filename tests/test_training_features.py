@@ -1,5 +1,8 @@
 """Training features against plain single-process PyTorch (tests/reference.py), on W = 2 and 3
-replicas: each keeps the contract (the result does not depend on W)."""
+replicas: each keeps the contract (the result does not depend on W). W = 3 on real replicas (Ray):
+past two replicas on one node the update is sharded (wire/sharded.py), grad_clip keeps it whole;
+W = 2 on in-process ones (tests/fakegroup.py, as test_driver_unit runs them): the whole update, by
+the same Replica code, with no process to start (test_contract runs W = 2 on every real wire)."""
 
 from functools import partial
 
@@ -7,15 +10,15 @@ import pytest
 import torch
 
 from raytorch import ConfigError, TrainConfig, Trainer
+from raytorch.driver import trainer
 from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
+from test_driver_unit import InProcess
 
 DATA = partial(classification_data, 150, 4)  # 150 samples: batches of 32 leave a short last one
 MODEL = partial(mlp, 16, 4, hidden=16)
 BASE = dict(epochs=3, batch_size=32, lr=0.05, seed=2)
-
-
-@pytest.mark.parametrize("features", [
+FEATURES = pytest.mark.parametrize("features", [
     dict(optimizer="sgd", lr_schedule="step"),
     dict(optimizer="adam", lr_schedule="cosine", warmup_steps=4),
     dict(optimizer="sgd", lr_schedule="constant", warmup_steps=3),
@@ -23,8 +26,29 @@ BASE = dict(epochs=3, batch_size=32, lr=0.05, seed=2)
     dict(optimizer="sgd", lr_schedule="constant", weight_decay=0.01, grad_clip=0.05),
     dict(optimizer="adam", lr_schedule="cosine", max_steps=11),  # stops in epoch 2, step 1 of 5
 ], ids=["step", "cosine+warmup", "warmup", "weight_decay", "grad_clip", "max_steps"])
-@pytest.mark.parametrize("workers", [2, 3])
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Trainer.fit on in-process replicas (FakeGroup), as test_driver_unit's `runs`: no Ray."""
+    runs = InProcess()
+    monkeypatch.setattr(trainer, "replica_group", runs.replica_group)
+    monkeypatch.setattr(trainer, "ray_session", runs.ray_session)
+    return runs
+
+
+@FEATURES
+@pytest.mark.parametrize("workers", [3])  # real replicas; W = 2: the in-process test below
 def test_feature_matches_one_process(ray_local, features, workers):
+    assert_feature_matches_one_process(features, workers)
+
+
+@FEATURES
+def test_feature_matches_one_process_on_two_in_process_replicas(in_process, features):
+    assert_feature_matches_one_process(features, 2)
+
+
+def assert_feature_matches_one_process(features, workers):
     config = TrainConfig(**BASE, **features, workers=workers)
     result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, loss_fn=torch.nn.functional.cross_entropy,
                      quiet=True).fit()
@@ -53,8 +77,16 @@ def test_bad_values(field, value):
         TrainConfig(**{field: value})
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers", [3])  # real replicas; W = 2: the in-process test below
 def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch(ray_local, workers):
+    assert_accumulating_equals_a_larger_batch(workers)
+
+
+def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch_on_two_in_process_replicas(in_process):
+    assert_accumulating_equals_a_larger_batch(2)
+
+
+def assert_accumulating_equals_a_larger_batch(workers):
     job = dict(BASE, optimizer="adam", lr_schedule="cosine")
     config = TrainConfig(**{**job, "batch_size": 16}, accumulate=3, workers=workers)  # steps of 48 samples
     result = Trainer(config, model_fn=MODEL, dataset_fn=DATA, loss_fn=torch.nn.functional.cross_entropy,
