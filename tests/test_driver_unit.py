@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from functools import partial
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 
@@ -423,7 +422,3 @@ def test_until_settled_passes_other_errors_through():
     with pytest.raises(ReplicaError, match="bad sample"):
         until_settled(fails, group, RecoveryPolicy(), "starting")
     assert group.replaced == []
-
-
-def test_no_test_here_started_ray():
-    assert not ray.is_initialized()
