@@ -20,6 +20,9 @@ replica-1 is removed and the run goes on with two.
 With --drain: three nodes of one CPU, two replicas spread over them; once the run trains, the node
 of replica-1 is marked draining (Ray's drain API, as a spot preemption does), its replica is moved
 to the free node, and then the drained node is removed: nothing lost, nothing redone.
+
+With --all (what the tests run): each of the above in turn on one cluster, its worker nodes made
+anew for each, each JSON line naming its scenario (placement, node-loss, drain, elastic).
 """
 
 import os
@@ -163,7 +166,7 @@ def train_draining(cluster: Cluster) -> dict:
     events: list[str] = []
 
     def drain_then_remove():
-        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train", timeout_s=60)
+        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train")
         node = REPLICA_1.search(console.getvalue()).group(1)
         [doomed] = [n for n in cluster.worker_nodes if n.node_id.startswith(node)]
         accepted, why = GcsClient(address=cluster.address).drain_node(
@@ -171,7 +174,7 @@ def train_draining(cluster: Cluster) -> dict:
             int(time.time() * 1000) + 60_000)
         assert accepted, why
         events.append("node draining")
-        wait_for(lambda: "moved replica-1 off a draining node" in console.getvalue(), "the move", timeout_s=60)
+        wait_for(lambda: "moved replica-1 off a draining node" in console.getvalue(), "the move")
         cluster.remove_node(doomed)
         events.append("node removed")
 
@@ -185,10 +188,10 @@ def train_elastic(cluster: Cluster) -> dict:
     events: list[str] = []
 
     def add_then_remove():
-        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train", timeout_s=60)
+        wait_for(lambda: "Epoch 0:" in console.getvalue(), "the run to train")
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         events.append("node added")
-        wait_for(lambda: " joined (room appeared)" in console.getvalue(), "a replica to join", timeout_s=60)
+        wait_for(lambda: " joined (room appeared)" in console.getvalue(), "a replica to join")
         node = REPLICA_1.search(console.getvalue()).group(1)
         [doomed] = [n for n in cluster.worker_nodes if n.node_id.startswith(node)]
         cluster.remove_node(doomed)
@@ -200,6 +203,49 @@ def train_elastic(cluster: Cluster) -> dict:
     return run_record(paced_fit(config, console, add_then_remove), console, events)
 
 
+def train_placements(cluster: Cluster, workers: int, placements: list[str]) -> list[dict]:
+    nodes, total = list(cluster.worker_nodes), ray.cluster_resources().get("CPU", 0)
+    records = []
+    for placement in placements:
+        # the previous run's replicas and reservation are released asynchronously: a placement
+        # decided while they still hold CPUs would not show the strategy
+        wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, "all CPUs free again")
+        record = train(workers, placement)
+        record["head_node"] = cluster.head_node.node_id[:12]
+        record["worker_nodes"] = sorted(n.node_id[:12] for n in nodes)
+        records.append(record)
+    return records
+
+
+def train_losing_nodes(cluster: Cluster) -> list[dict]:
+    records = []
+    for replace_timeout in (60.0, 5.0):  # the second run finds no node left to replace on
+        wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "two CPUs free")
+        records.append(train_losing_a_node(cluster, replace_timeout))
+    return records
+
+
+def reshape(cluster: Cluster, nodes: int, cpus_per_node: int) -> None:
+    """The cluster's worker nodes made anew: `nodes` of `cpus_per_node` CPUs, all free."""
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=cpus_per_node, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    fresh = {node.node_id for node in cluster.worker_nodes}
+    wait_for(lambda: {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")} == fresh
+             and ray.available_resources().get("CPU", 0) == nodes * cpus_per_node, "the new nodes, all free")
+
+
+# --all: (scenario, worker nodes, CPUs a node, its runs), one after another on one cluster
+SCENARIOS = [
+    ("placement", 3, 2, lambda cluster: train_placements(cluster, 3, ["spread", "pack"])),
+    ("node-loss", 3, 1, train_losing_nodes),
+    ("drain", 3, 1, lambda cluster: [train_draining(cluster)]),
+    ("elastic", 2, 1, lambda cluster: [train_elastic(cluster)]),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=3)
@@ -209,34 +255,32 @@ def main() -> None:
     parser.add_argument("--node-loss", action="store_true")
     parser.add_argument("--elastic", action="store_true")
     parser.add_argument("--drain", action="store_true")
+    parser.add_argument("--all", action="store_true")
     args = parser.parse_args()
     assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a fresh directory"
+    if args.all:
+        args.nodes, args.cpus_per_node = SCENARIOS[0][1:3]
     # A head that runs the driver and no replica, as in cluster.yaml; worker nodes as separate raylets.
     cluster = loopback_cluster(args.nodes, args.cpus_per_node)
     try:
         assert cluster.address.startswith("127.0.0.1:"), cluster.address
-        nodes = list(cluster.worker_nodes)
         ray.init(address=cluster.address, logging_level="WARNING")
-        total = args.nodes * args.cpus_per_node
-        if args.drain:
+        if args.all:
+            for k, (scenario, nodes, cpus_per_node, runs) in enumerate(SCENARIOS):
+                if k:
+                    reshape(cluster, nodes, cpus_per_node)
+                for record in runs(cluster):
+                    print(json.dumps({"scenario": scenario, **record}), flush=True)
+        elif args.drain:
             print(json.dumps(train_draining(cluster)), flush=True)
-            return
-        if args.elastic:
+        elif args.elastic:
             print(json.dumps(train_elastic(cluster)), flush=True)
-            return
-        if args.node_loss:
-            for replace_timeout in (60.0, 5.0):  # the second run finds no node left to replace on
-                wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "two CPUs free")
-                print(json.dumps(train_losing_a_node(cluster, replace_timeout)), flush=True)
-            return
-        for placement in args.placement or ["spread"]:
-            # the previous run's replicas and reservation are released asynchronously: a placement
-            # decided while they still hold CPUs would not show the strategy
-            wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, "all CPUs free again")
-            record = train(args.workers, placement)
-            record["head_node"] = cluster.head_node.node_id[:12]
-            record["worker_nodes"] = sorted(n.node_id[:12] for n in nodes)
-            print(json.dumps(record), flush=True)
+        elif args.node_loss:
+            for record in train_losing_nodes(cluster):
+                print(json.dumps(record), flush=True)
+        else:
+            for record in train_placements(cluster, args.workers, args.placement or ["spread"]):
+                print(json.dumps(record), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -1,7 +1,8 @@
 """Replicas on different nodes train what one plain PyTorch process trains.
 
-The nodes are a ray.cluster_utils.Cluster on 127.0.0.1 (a head with no CPU and three worker
-raylets), run by tests/multinode_job.py in a subprocess: the test session holds its own Ray.
+The nodes are a ray.cluster_utils.Cluster on 127.0.0.1 (a head with no CPU and worker raylets),
+run by tests/multinode_job.py in a subprocess: the test session holds its own Ray. One job and one
+cluster serve the module: its worker nodes are made anew for each scenario.
 """
 
 import json
@@ -22,7 +23,7 @@ from raytorch import ConfigError, TrainConfig
 from reference import assert_same_parameters, train_reference
 
 JOB_SCRIPT = Path(__file__).with_name("multinode_job.py")
-JOB_TIMEOUT_S = 180
+JOB_TIMEOUT_S = 600  # every scenario, one after another
 
 
 def processes_mentioning(marker: str) -> list[int]:
@@ -75,11 +76,18 @@ def wait_until_gone(marker: str, timeout_s: float = 15.0) -> list[int]:
     return left
 
 
+@pytest.fixture(scope="module")
+def scenario():
+    """The records of every scenario of multinode_job.py (--all), by name: one job and one cluster
+    for the module, its worker nodes made anew for each scenario."""
+    runs = run_job("--all")
+    return lambda name: [run for run in runs if run["scenario"] == name]
+
+
 @pytest.mark.system
-def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_trains():
+def test_spread_and_pack_place_replicas_over_nodes_and_train_what_one_process_trains(scenario):
     # Worker nodes of 2 CPUs each: 3 one-CPU replicas fit on 2 of them (pack) or take all 3 (spread).
-    runs = run_job("--nodes", "3", "--cpus-per-node", "2", "--workers", "3", "--placement", "spread",
-                   "--placement", "pack")
+    runs = scenario("placement")
     spread, pack = (next(r for r in runs if r["placement"] == p) for p in ("spread", "pack"))
     assert len(set(spread["replica_nodes"])) == 3
     assert len(set(pack["replica_nodes"])) == 2
@@ -100,8 +108,8 @@ def assert_trained_what_one_process_trains(run: dict, job: dict = JOB) -> None:
 
 
 @pytest.mark.system
-def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewer():
-    replaced, shrunk = run_job("--nodes", "3", "--cpus-per-node", "1", "--node-loss")
+def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewer(scenario):
+    replaced, shrunk = scenario("node-loss")  # three nodes of one CPU
     for run in (replaced, shrunk):
         assert run["removed_node"] in run["replica_nodes"]
         assert_trained_what_one_process_trains(run)
@@ -112,8 +120,8 @@ def test_a_node_lost_mid_run_is_replaced_on_a_spare_or_the_run_goes_on_with_fewe
 
 
 @pytest.mark.system
-def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves():
-    [run] = run_job("--nodes", "2", "--cpus-per-node", "1", "--elastic")
+def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves(scenario):
+    [run] = scenario("elastic")  # two nodes of one CPU
     assert run["events"] == ["node added", "node removed"], run["console"]
     assert "replica-2 joined (room appeared): 3 replicas from step" in run["console"]
     [restart] = run["restarts"]  # the removed node's replica: no room for a replacement, dropped
@@ -123,8 +131,8 @@ def test_an_elastic_run_grows_onto_a_node_that_joins_and_shrinks_when_one_leaves
 
 
 @pytest.mark.system
-def test_a_replica_on_a_draining_node_is_moved_before_the_node_goes_with_nothing_redone():
-    [run] = run_job("--nodes", "3", "--cpus-per-node", "1", "--drain")
+def test_a_replica_on_a_draining_node_is_moved_before_the_node_goes_with_nothing_redone(scenario):
+    [run] = scenario("drain")  # three nodes of one CPU
     assert run["events"] == ["node draining", "node removed"], run["console"]
     assert "moved replica-1 off a draining node before step" in run["console"]
     assert run["restarts"] == [] and run["workers_at_end"] == 2  # no loss: the node went after the move
