@@ -17,7 +17,7 @@ import raytorch
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 ERRORS = ["RaytorchError", "ConfigError", "ClusterError", "ReplicaError", "NonFiniteError", "CheckpointError"]
-PUBLIC = ["Trainer", "TrainConfig", "Callback", "TrainResult", *ERRORS, "sample_generator", "seeded"]
+PUBLIC = ["Trainer", "TrainConfig", "Callback", "TrainResult", *ERRORS, "sample_generator", "seeded", "seeded_forward"]
 HOOKS = ["on_start", "on_step", "on_epoch", "on_eval", "on_checkpoint", "on_replica_lost", "on_record", "on_end"]
 
 
@@ -35,6 +35,7 @@ def test_the_public_names_import_from_raytorch():
         TrainResult,
         sample_generator,
         seeded,
+        seeded_forward,
     )
 
 

@@ -101,7 +101,8 @@ def test_two_replicas_step_like_one_process():
     with torch.no_grad():
         start = model_fn()
         start.load_state_dict(_initial(config, model_fn))
-        for i, (_, ((loss,), _seconds)) in enumerate(results):
+        for i, (_, report) in enumerate(results):
+            (loss,) = report.losses
             part = np.arange(3 * i, 3 * i + 3)
             px, py = data.batch(part)
             assert loss == pytest.approx(torch.nn.functional.mse_loss(start(px), py).item(), rel=1e-6)
@@ -110,8 +111,9 @@ def test_two_replicas_step_like_one_process():
 def test_replica_without_samples_returns_nothing():
     config = TrainConfig(workers=3, batch_size=3)
     replica = _replica(0, config, lambda: torch.nn.Linear(1, 1), linear_data(4, seed=0))
-    handoff, (losses, [(compute_s, other_s)]) = replica.run([(np.array([], dtype=np.int64), None, 0.0)])
-    assert handoff is None and losses == [None] and compute_s == 0.0 and other_s >= 0.0
+    handoff, report = replica.run([(np.array([], dtype=np.int64), None, 0.0)])
+    [(compute_s, other_s)] = report.seconds
+    assert handoff is None and report.losses == [None] and compute_s == 0.0 and other_s >= 0.0
 
 
 def test_evaluate_is_the_sample_mean_over_chunks():

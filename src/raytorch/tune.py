@@ -53,7 +53,7 @@ def trial_bundles(config: TrainConfig, driver_cpus: float) -> list[dict[str, flo
 def trainable(*, model_fn: Callable, dataset_fn: Callable, loss_fn: Optional[Callable] = None,
               eval_dataset_fn: Optional[Callable] = None, step_fn: Optional[Callable] = None,
               optimizer_fn: Optional[Callable] = None, schedule_fn: Optional[Callable] = None,
-              driver_cpus: float = 1.0, **base_config: Any):
+              collate_fn: Optional[Callable] = None, driver_cpus: float = 1.0, **base_config: Any):
     """What ray.tune.Tuner takes: one raytorch run per trial, in the trial's resources.
     base_config: TrainConfig fields every trial shares (param_space samples the others).
     driver_cpus: the trial driver's bundle (it plans the steps and gathers the losses)."""
@@ -66,7 +66,8 @@ def trainable(*, model_fn: Callable, dataset_fn: Callable, loss_fn: Optional[Cal
                           "leave it unset")
     base_fields = base.to_dict()
     functions = {"model_fn": model_fn, "dataset_fn": dataset_fn, "loss_fn": loss_fn, "step_fn": step_fn,
-                 "eval_dataset_fn": eval_dataset_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn}
+                 "eval_dataset_fn": eval_dataset_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn,
+                 "collate_fn": collate_fn}
 
     def raytorch_trial(params: dict) -> None:
         from .driver.trainer import Trainer

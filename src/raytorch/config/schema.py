@@ -109,6 +109,9 @@ class TrainConfig:
     step: Optional[str] = run_defining(None)
     """Your own step for the CLI, in place of loss: pkg.module:fn with fn(model, batch) returning the loss (a scalar tensor), for items that are not (input, target) pairs: dicts, nested, models that compute their own loss. batch is what the items collate to, on the replica's device. The Python API takes step_fn."""
 
+    collate: Optional[str] = run_defining(None)
+    """How a part's items become a batch, for the CLI: pkg.module:fn with fn(list of items) returning the batch (a padding collator for sequences of different lengths, Hugging Face's DataCollatorWithPadding wrapped in a function, ...); default: torch's default_collate. Each replica's part is weighted by its number of items, whatever the batch holds. The Python API takes collate_fn."""
+
     device: DeviceName = "cpu"
     """Where each replica computes: 'cpu', 'cuda' (one GPU, or gpus_per_replica of one, each), or 'auto' (cuda where the cluster has GPUs, else cpu)."""
 

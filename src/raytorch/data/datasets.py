@@ -186,15 +186,17 @@ def _open_npy(path: str) -> np.ndarray:
     return array
 
 
-def fetch(dataset: Dataset, indices: Sequence[int], key: Key = None):
-    """Collate the samples at `indices` into one batch, the way DataLoader would; with `key`,
-    each sample is fetched within augment.seeded(*key, index)."""
-    if isinstance(dataset, (ArrayDataset, NpyDataset)):
-        return dataset.batch(indices)
+def fetch(dataset: Dataset, indices: Sequence[int], key: Key = None, collate: Optional[Callable] = None):
+    """Collate the samples at `indices` into one batch, the way DataLoader would: by `collate`
+    (the user's collate_fn: the list of items to the batch), else default_collate; with `key`, each
+    sample is fetched within augment.seeded(*key, index)."""
+    if collate is None and isinstance(dataset, (ArrayDataset, NpyDataset)):
+        return dataset.batch(indices)  # default_collate's answer, without making an item per sample
+    collate = collate or default_collate
     if isinstance(dataset, Stream):
-        return default_collate(dataset.take(indices, key))
+        return collate(dataset.take(indices, key))
     getitems = getattr(dataset, "__getitems__", None)  # torch's batched-fetch protocol
-    return default_collate(getitems(list(indices)) if getitems else [item(dataset, i, key) for i in indices])
+    return collate(getitems(list(indices)) if getitems else [item(dataset, i, key) for i in indices])
 
 
 def item(dataset: Dataset, index: int, key: Key = None):
@@ -211,12 +213,14 @@ class Prefetcher:
 
     One thread fetches batches in the order asked; the samples of a batch come from `workers`
     threads at once (I/O and most decoding release the GIL), then are collated. `prepare` runs on
-    each batch in the background too (pinning a GPU replica's batch)."""
+    each batch in the background too (pinning a GPU replica's batch); `collate` as fetch's."""
 
-    def __init__(self, workers: int, prepare: Optional[Callable[[Any], Any]] = None):
+    def __init__(self, workers: int, prepare: Optional[Callable[[Any], Any]] = None,
+                 collate: Optional[Callable] = None):
         self.batches = ThreadPoolExecutor(1, thread_name_prefix="raytorch-prefetch")
         self.samples = ThreadPoolExecutor(workers, thread_name_prefix="raytorch-loader")
         self.prepare = prepare or (lambda batch: batch)
+        self.collate = collate
         self.pending: dict[bytes, Future] = {}
 
     def ahead(self, dataset: Dataset, indices: np.ndarray, key: Key = None) -> None:
@@ -232,9 +236,9 @@ class Prefetcher:
 
     def _fetch(self, dataset: Dataset, indices: np.ndarray, key: Key):
         if isinstance(dataset, (ArrayDataset, NpyDataset, Stream)) or hasattr(dataset, "__getitems__"):
-            return self.prepare(fetch(dataset, indices, key))
+            return self.prepare(fetch(dataset, indices, key, self.collate))
         samples = self.samples.map(lambda index: item(dataset, index, key), indices)
-        return self.prepare(default_collate(list(samples)))
+        return self.prepare((self.collate or default_collate)(list(samples)))
 
     def clear(self) -> None:
         """Forget batches fetched ahead (the steps they were for will not come: a restore)."""

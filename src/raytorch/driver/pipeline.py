@@ -20,6 +20,7 @@ from ..core.runplan import RunPlan
 from ..errors import NonFiniteError
 from ..group.group import ReplicaGroup
 from ..output.sink import RunOutput, StepsDone
+from ..replica.replies import RunReport
 
 # Calls the driver submits ahead of the losses it has gathered.
 CALLS_IN_FLIGHT = 4
@@ -60,6 +61,7 @@ class StepPipeline:
         self.last_collect = self.epoch_clock[0]
         self.samples_since = 0
         self.waiters: list[Callable[[float], None]] = []  # called once the next step is done
+        self.unplaced: set[str] = set()  # random calls not placed per sample, said already
 
     def start_epoch(self, at: Position) -> None:
         """The epoch's steps (re)start at `at`: its rate and step time are measured from here."""
@@ -122,6 +124,7 @@ class StepPipeline:
         except NonFiniteError as e:
             raise NonFiniteError(f"{e} (epoch {at.epoch}); {self.kept()}", rank=e.rank, step=e.step) from e
         self.pending.popleft()  # only now: a call that failed stays listed, for drain
+        self._say_unplaced(reports)
         ranks, before, now = self.group.ranks, len(at.losses), time.perf_counter()
         for offset, sizes in enumerate(call.sizes):
             active = [r for r, n in enumerate(sizes) if n]
@@ -144,6 +147,15 @@ class StepPipeline:
         self.last_collect = now
         self.last_split = dict(zip(ranks, call.sizes[-1]))
         self.step_time = (now - started) / max(1, len(at.losses) - index)
+
+    def _say_unplaced(self, reports: list[RunReport]) -> None:
+        """Random draws of the forward raytorch does not place per sample, said once each."""
+        news = sorted({name for report in reports for name in report.unplaced} - self.unplaced)
+        if news:
+            self.unplaced.update(news)
+            self.output.say(f"the model's forward draws {', '.join(news)} from torch's generator: those draws are "
+                            "not placed per sample, so they depend on the number of replicas and the split "
+                            "(dropout is placed: the contract holds for it)")
 
     def uneven_split(self) -> Optional[tuple[str, str, float]]:
         """The last step's split where it is far from even: the replica with the smallest part, the

@@ -51,7 +51,8 @@ class Trainer:
     for any other batch (dicts, nested: what the items collate to, moved to the replica's device).
     optimizer_fn(model) -> torch.optim.Optimizer (parameter groups welcome) and
     schedule_fn(optimizer, total_steps) -> scheduler (stepped once per optimizer step) replace
-    config's optimizer, lr, weight_decay and lr_schedule, warmup_steps. Each runs in every replica.
+    config's optimizer, lr, weight_decay and lr_schedule, warmup_steps; collate_fn(items) -> batch
+    replaces default_collate (sequences of different lengths padded, ...). Each runs in every replica.
     resume_from: a run directory whose newest valid checkpoint the run continues from.
     callbacks: raytorch.Callback objects that get the run's records (callbacks.py), before those
     config.callbacks names.
@@ -60,16 +61,18 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model_fn: Callable[[], nn.Module], dataset_fn: Callable,
                  loss_fn: Optional[Callable] = None, step_fn: Optional[Callable] = None,
                  optimizer_fn: Optional[Callable] = None, schedule_fn: Optional[Callable] = None,
-                 eval_dataset_fn: Optional[Callable] = None, quiet: bool = False, resume_from: Optional[str] = None,
+                 collate_fn: Optional[Callable] = None, eval_dataset_fn: Optional[Callable] = None,
+                 quiet: bool = False, resume_from: Optional[str] = None,
                  callbacks: Sequence[Callback] = ()):
         named = imported_fns(config)  # pkg.module:fn in config.step, optimizer, lr_schedule
         step_fn, optimizer_fn = step_fn or named["step_fn"], optimizer_fn or named["optimizer_fn"]
-        schedule_fn = schedule_fn or named["schedule_fn"]
+        schedule_fn, collate_fn = schedule_fn or named["schedule_fn"], collate_fn or named["collate_fn"]
         if (loss_fn is None) == (step_fn is None):
             raise ConfigError("loss_fn", "give loss_fn(output, target) for (input, target) items, or "
                                          "step_fn(model, batch) -> loss for any other: one of the two")
         self.config, self.model_fn, self.loss_fn = config, model_fn, loss_fn
-        self.user_fns = {"step_fn": step_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn}
+        self.user_fns = {"step_fn": step_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn,
+                         "collate_fn": collate_fn}
         self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
         self.quiet, self.resume_from = quiet, resume_from
         # yours first, then those the config names (mlflow, wandb, pkg.module:Class): made here, so a
@@ -150,9 +153,9 @@ class Trainer:
         ray.data.Dataset by block and row), their items checked against the step."""
         train_set = addressable(self.dataset_fn(), output.say)
         eval_set = addressable(self.eval_dataset_fn(), lambda _: None) if self.eval_dataset_fn else None
-        check_dataset(train_set, "dataset", self.user_fns["step_fn"])
+        check_dataset(train_set, "dataset", self.user_fns["step_fn"], self.user_fns["collate_fn"])
         if eval_set is not None:
-            check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"])
+            check_dataset(eval_set, "eval dataset", self.user_fns["step_fn"], self.user_fns["collate_fn"])
         return train_set, eval_set
 
     def _starting_point(self, output: RunOutput) -> tuple[nn.Module, dict]:

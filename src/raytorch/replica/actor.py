@@ -62,7 +62,7 @@ class Replica:
     def __init__(self, rank: int, config: TrainConfig, model_fn: Callable[[], nn.Module],
                  loss_fn: Optional[Callable], init_state: dict, train_set, eval_set, total_steps: int,
                  run_name: str = "", **user_fns: Optional[Callable]):
-        """user_fns: step_fn, optimizer_fn, schedule_fn where given (see Learner)."""
+        """user_fns: step_fn, optimizer_fn, schedule_fn, collate_fn where given (see Learner)."""
         self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
         self.baseline_pss = prepare_process(config.cpus_per_replica)  # this process before any model
         self.steps = 0  # updates applied: the gradient computed next belongs to this global step
@@ -117,7 +117,7 @@ class Replica:
             losses.append(loss)
         if self.metrics and applied:
             self.metrics.allreduced(reducing / applied)
-        return handoff, RunReport(losses, seconds)
+        return handoff, RunReport(losses, seconds, self.learner.draws.untold())
 
     @_reported
     def apply(self, reduce, *grads: np.ndarray) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import default_collate
 
 from ..errors import ConfigError
 
@@ -85,9 +86,9 @@ def checked_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def check_dataset(dataset: Any, field: str, step_fn: Callable | None) -> None:
-    """In the driver, before any replica starts: the dataset has a length and its items fit the
-    step (pairs for loss_fn)."""
+def check_dataset(dataset: Any, field: str, step_fn: Callable | None, collate_fn: Callable | None = None) -> None:
+    """In the driver, before any replica starts: the dataset has a length, its first items collate
+    (by collate_fn, or else default_collate) and fit the step (pairs for loss_fn)."""
     try:
         size = len(dataset)
     except TypeError as e:
@@ -102,3 +103,13 @@ def check_dataset(dataset: Any, field: str, step_fn: Callable | None) -> None:
         except TypeError as e:
             raise ConfigError(field, f"items are {describe(dataset[0])}, not (input, target) pairs: give "
                                      f"step_fn(model, batch) -> loss instead of loss_fn") from e
+    items = [dataset[i] for i in range(min(2, size))]
+    try:
+        (collate_fn or default_collate)(items)
+    except Exception as e:  # the user's collate (or torch's on the user's items): any error
+        if collate_fn is not None:
+            raise ConfigError("collate_fn", f"failed on the {field}'s first {len(items)} items: "
+                                            f"{type(e).__name__}: {e}") from e
+        raise ConfigError(field, f"its first {len(items)} items do not collate into a batch ({type(e).__name__}: "
+                                 f"{e}): items of different shapes (sequences of different lengths) need "
+                                 f"collate_fn(items) -> batch that pads them (--collate pkg.module:fn)") from e

@@ -21,6 +21,8 @@ from ..core.snapshot import Snapshot
 from ..data.datasets import Prefetcher, fetch
 from .batches import SupervisedStep, checked_loss, describe, pin_memory, to_device
 from .device import autocast
+from .draws import ForwardDraws
+from .evaluation import evaluate
 from .flatgrad import FlatGradient, host_buffers, with_spare
 from .optim import make_optimizer, make_schedule
 from .profiler import StepProfiler
@@ -41,10 +43,14 @@ class Learner:
     def __init__(self, config: TrainConfig, device: torch.device, model_fn: Callable[[], nn.Module],
                  loss_fn: Optional[Callable], init_state: dict, train_set, eval_set, total_steps: int, *,
                  step_fn: Optional[Callable] = None, optimizer_fn: Optional[Callable] = None,
-                 schedule_fn: Optional[Callable] = None):
+                 schedule_fn: Optional[Callable] = None, collate_fn: Optional[Callable] = None):
         """step_fn(model, batch) -> loss, or else loss_fn(model(x), y) on (x, y) batches;
-        optimizer_fn(model) and schedule_fn(optimizer, total_steps), or else config's by name."""
+        optimizer_fn(model) and schedule_fn(optimizer, total_steps), or else config's by name;
+        collate_fn(items) -> batch, or else default_collate."""
         self.device = device
+        # seeded as the driver's: whatever model_fn draws beyond its state_dict (a non-persistent
+        # buffer, random features) is what the driver's model holds, in every replica
+        torch.manual_seed(config.seed)
         model = model_fn()  # with sync_batchnorm, its BatchNorms normalize over the global batch: syncbn.py
         self.model = (convert(model) if config.sync_batchnorm else model).to(self.device)
         self.model.load_state_dict(init_state)
@@ -55,8 +61,10 @@ class Learner:
         self.train_set, self.eval_set = train_set, eval_set
         per_epoch = steps_per_epoch(len(train_set), config.step_batch, config.drop_last)
         self.key = lambda step: (config.seed, step // per_epoch)  # seeds a step's augmentation: augment.py
+        self.draws = ForwardDraws(config.seed)  # and, with step and samples, each forward's dropout
         pin = pin_memory if device.type == "cuda" else None  # copies to the GPU without blocking
-        self.loader = Prefetcher(config.loader_workers, pin) if config.loader_workers else None
+        self.collate = collate_fn
+        self.loader = Prefetcher(config.loader_workers, pin, collate_fn) if config.loader_workers else None
         self.grads = FlatGradient(self.model, self.device, check=config.precision != "fp16")
         self.flat_grad = self.grads.flat
         self.host_buffer, self.staging = host_buffers(self.flat_grad)
@@ -108,10 +116,11 @@ class Learner:
             # the last micro-batch's backward gathers each gradient as it is final
             self.grads.gather_into(gathered if last else None)
             with self.profiler.phase("fetch", step):
-                batch = to_device((self.loader.get if self.loader else fetch)(self.train_set, micro, self.key(step)),
+                batch = to_device(self.loader.get(self.train_set, micro, self.key(step)) if self.loader
+                                  else fetch(self.train_set, micro, self.key(step), self.collate),
                                   self.device)
             with self.profiler.phase("forward_backward", step):
-                with autocast(self.device, self.precision):
+                with autocast(self.device, self.precision), self.draws.forward(step, micro):
                     loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
                 if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
                     self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
@@ -178,29 +187,8 @@ class Learner:
         self.profiler.applied(step)
 
     def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
-        """Mean loss over the eval samples at `indices`, in chunks of `chunk`, and, for a classifier
-        (outputs of shape (n, classes) against integer labels), the fraction classified right.
-        (None, None) where there are no samples."""
-        if len(indices) == 0:
-            return None, None
-        self.model.eval()
-        total, correct, classifier = 0.0, 0, True
-        with torch.no_grad(), autocast(self.device, self.precision):
-            for start in range(0, len(indices), chunk):
-                part = indices[start:start + chunk]
-                batch = to_device(fetch(self.eval_set, part), self.device)
-                if self.supervised is None:  # the user's step: its loss, no accuracy
-                    total += checked_loss(self.step(self.forward, batch)).item() * len(part)
-                    classifier = False
-                    continue
-                x, y = self.supervised.split(batch)
-                output = self.forward(x)
-                total += checked_loss(self.supervised.loss(output, y)).item() * len(part)
-                classifier = classifier and output.dim() == 2 and output.shape[1] > 1 and not y.is_floating_point()
-                if classifier:
-                    correct += (output.argmax(dim=1) == y).sum().item()
-        self.model.train()
-        return total / len(indices), (correct / len(indices) if classifier else None)
+        """Mean loss (and a classifier's accuracy) over the eval samples at `indices`: evaluation.py."""
+        return evaluate(self, indices, chunk)
 
     def snapshot(self, steps: int, losses: dict[int, float]) -> Snapshot:
         """This state after `steps` updates, with the given losses of applied steps."""

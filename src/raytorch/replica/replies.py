@@ -72,3 +72,6 @@ class RunReport(NamedTuple):
 
     losses: list[Optional[float]]
     seconds: list[StepSeconds]
+    unplaced: tuple[str, ...] = ()
+    """Random calls its forwards made that are not placed per sample (core/seeded_forward.py), each
+    reported once."""
