@@ -4,6 +4,7 @@
     python scripts/bench.py                        # all workloads, W=2, 3 alternating rounds
     python scripts/bench.py --workloads mlp --rounds 1 --json bench.json
     python scripts/bench.py --allreduce            # the all-reduce alone, W = 2, 4, 8 (benchmarks/allreduce.py)
+    python scripts/bench.py --dropout              # what placing dropout per sample costs a step
 
 Ray Train needs the `bench` extra (pip install -e '.[bench]'); without it that column is skipped.
 Same model, data order, global batch and SGD everywhere; every distributed worker gets 1 torch
@@ -52,11 +53,20 @@ def main() -> int:
                         help="only faults at random moments: RUNS runs of a small job, each with one replica "
                              "SIGKILLed or SIGSTOPped at a random moment, against the same job undisturbed "
                              "(benchmarks/faults.py)")
+    parser.add_argument("--dropout", action="store_true",
+                        help="only dropout placed per sample: ms per forward and backward with torch's dropout vs "
+                             "within raytorch.seeded_forward, an MLP and a transformer, one process "
+                             "(benchmarks/dropout.py)")
     parser.add_argument("--multinode", action="store_true",
                         help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
                              "object-store and collective wires (fp32 and bf16 gradients) vs Ray Train "
                              "(benchmarks/multinode.py)")
     args = parser.parse_args()
+    if args.dropout:  # one process, no Ray
+        import dropout
+
+        save({"dropout": dropout.main(args.rounds)}, args.json)
+        return 0
     if args.multinode:  # a cluster of its own, in a process of its own: this one holds no Ray
         return multinode(args.rounds, args.json)
     from raytorch.group.cluster import keep_on_loopback

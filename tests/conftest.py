@@ -20,6 +20,7 @@ import pytest
 TIERS = ("unit", "integration", "system")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups set here
 def pytest_collection_modifyitems(config, items):
     for item in items:
         marked = [tier for tier in TIERS if item.get_closest_marker(tier)]

@@ -9,10 +9,13 @@ from the bucket, compared with plain PyTorch.
 import hashlib
 import io
 import logging
-import shutil
+import os
+import re
+import stat
 import tempfile
 import uuid
 from functools import partial
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -24,7 +27,7 @@ from raytorch import CheckpointError, ConfigError, TrainConfig, Trainer
 from raytorch.driver.preflight import preflight
 from raytorch.errors import RaytorchError
 from raytorch.persist.checkpoint import listed, load, load_latest, save
-from raytorch.persist.storage import RunStorage, staging_dir
+from raytorch.persist.storage import RunStorage
 from raytorch.tasks.builtin import linear_data
 from reference import assert_same_parameters, train_reference
 
@@ -172,18 +175,39 @@ def test_a_local_path_stays_as_it_was(tmp_path):
 # -- the staging directory of a remote run directory ------------------------------------------------
 
 
+def test_a_link_planted_where_staging_used_to_go_touches_nothing(memory_url, tmp_path, monkeypatch):
+    # Another local user plants links at the staging path older raytorch derived from the URL
+    # (<tmp>/raytorch-runs/<sha256(url)[:16]>/<name>), aimed at a victim's directory: the run must
+    # neither delete nor write anything there.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    predictable = tmp_path / "raytorch-runs" / hashlib.sha256(memory_url.encode()).hexdigest()[:16]
+    predictable.mkdir(parents=True)
+    (predictable / memory_url.rsplit("/", 1)[-1]).symlink_to(victim)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    fs.pipe_file(f"{root}/metrics.jsonl", b'{"event": "epoch"}\n')
+    storage = RunStorage(memory_url)
+    storage.open(print)
+    (Path(storage.local) / "config.yaml").write_text("workers: 2\n")
+    storage.mirror(strict=True)
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"]
+    assert (victim / "thesis.tex").read_text() == "years of work"
+    assert victim.resolve() not in Path(storage.local).resolve().parents and Path(storage.local).resolve() != victim
+
+
 def test_a_remote_run_directory_is_staged_and_mirrored(memory_url, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     fs, root = fsspec.core.url_to_fs(memory_url)
     fs.pipe_file(f"{root}/metrics.jsonl", b'{"event": "epoch"}\n')  # an earlier run's
     save(memory_url, 1, payload(1), keep=1)
     storage = RunStorage(memory_url)
-    stale = staging_dir(memory_url) / "left-over"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("from an older run on this machine")
     storage.open(print)
-    staged = staging_dir(memory_url)
-    assert storage.remote and storage.local == staged and staged.parent.parent == tmp_path / "raytorch-runs"
+    staged = storage.local
+    # a private directory of this run's: made by mkdtemp, 0700, a name nobody could know ahead
+    assert storage.remote and staged.parent.parent == tmp_path and staged.parent.name.startswith("raytorch-run-")
+    assert stat.S_IMODE(staged.parent.stat().st_mode) == 0o700 and staged.parent.stat().st_uid == os.getuid()
     assert f"run directory {memory_url}: files staged in {staged}" in capsys.readouterr().out
     # what the URL holds, checkpoints aside: a resumed run appends to its metrics.jsonl
     assert sorted(p.name for p in staged.iterdir()) == ["metrics.jsonl"]
@@ -264,8 +288,10 @@ def s3_endpoint():
 
 
 @pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    """A new bucket; fake credentials and the endpoint in the environment, as a user sets them."""
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    """A new bucket; fake credentials and the endpoint in the environment, as a user sets them; the
+    staging directories in the test's own temporary directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     import boto3
 
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -277,8 +303,7 @@ def bucket(s3_endpoint, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     name = f"raytorch-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=name)
-    yield name
-    shutil.rmtree(staging_dir(f"s3://{name}/run").parent, ignore_errors=True)
+    return name
 
 
 @pytest.mark.system
@@ -298,7 +323,8 @@ def test_a_run_on_s3_checkpoints_there_and_resumes_from_it(ray_local, bucket, ca
     config = TrainConfig(**JOB, workers=2, output_dir=url, checkpoint_every=10, keep_checkpoints=100)
     run = partial(Trainer, config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss)
     full = run().fit()
-    assert f"run directory {url}: files staged in {staging_dir(url)}" in capsys.readouterr().out
+    assert re.search(rf"run directory {url}: files staged in {tempfile.gettempdir()}/raytorch-run-\w+/run;",
+                     capsys.readouterr().out)
     model, losses = train_reference(partial(torch.nn.Linear, 1, 1), DATA(), F.mse_loss, **JOB)
     assert_same_parameters(full.model, model)
     assert full.epoch_losses == pytest.approx(losses, rel=1e-5)

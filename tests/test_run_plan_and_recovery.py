@@ -94,7 +94,7 @@ def test_a_checkpoint_holds_the_snapshot_and_the_position(tmp_path):
     checkpoints = RunCheckpoints(tmp_path, config, say=print)
     assert checkpoints.kept() == "no checkpoint written yet"
     path = checkpoints.save(snapshot, position(), first_step=3)  # epoch 1 starts at step 3: 2 of its steps done
-    assert checkpoints.kept() == f"last good checkpoint {path}"
+    assert checkpoints.kept() == f"last good checkpoint {path}: resume with --resume {tmp_path}"
 
     restored, at = RunCheckpoints(tmp_path, config, say=print).resume(tmp_path)
     assert restored.steps == 5 and restored.losses == {}  # the losses log is not part of a checkpoint

@@ -50,7 +50,8 @@ class NonFiniteError(ReplicaError):
 
 
 class CheckpointError(RaytorchError):
-    """A checkpoint cannot be read or does not belong to this run; the message says which and why."""
+    """A checkpoint cannot be read or written or does not belong to this run, or the run directory
+    cannot be written; the message says which and why, and where the run can resume from."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -154,6 +154,9 @@ class TrainConfig:
     output_dir: Optional[str] = None
     """Run directory for the resolved config, metrics.jsonl, checkpoints and the final model.pt; nothing is written without it. A local path, or an fsspec URL: s3://bucket/path (pip install 'raytorch[s3]'; credentials and AWS_ENDPOINT_URL from the environment), gs://bucket/path (gcsfs), file:///abs/path. A remote run directory's files are staged in a local directory and uploaded at each checkpoint and at the end; its checkpoints are written to it directly."""
 
+    overwrite: bool = False
+    """A fresh run into an output_dir that holds another run's files (config.yaml, metrics.jsonl, checkpoints, the model, ...) removes them first; without it such a run is refused at once (continue that run with --resume instead). Other files there are left alone."""
+
     log_every: int = 10
     """With output_dir: a per-step record (loss, samples/s) in metrics.jsonl every N steps, besides the per-epoch ones; 0: epoch records only."""
 

@@ -36,8 +36,7 @@ class EpochLoop:
                  checkpoints: RunCheckpoints, eval_size: int, scalar_linear: bool, fit_started: float,
                  stop: Optional[StopRequest] = None, lost_before: Sequence[dict] = ()):
         self.config, self.group, self.plan, self.at = config, group, plan, at
-        self.output, self.checkpoints = output, checkpoints
-        self.eval_size = eval_size
+        self.output, self.checkpoints, self.eval_size = output, checkpoints, eval_size
         self.scalar_linear = scalar_linear  # the seed's model: each epoch's line shows w and b
         self.stop = stop or StopRequest()  # a signal asks the run to stop between calls
         # the pipeline pauses between calls for a signal, or for a replica that found room to join (elastic)
@@ -48,7 +47,8 @@ class EpochLoop:
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
         self.epoch_times: list[float] = []
         self.epoch_started: Optional[float] = None
-        self.fit_started, self.first_step_s = fit_started, 0.0
+        # samples_before: a resumed run's samples before it, not this run's to time
+        self.fit_started, self.first_step_s, self.samples_before = fit_started, 0.0, self.done()[1]
         self.pipeline.after_next_step(self._first_step)
         for record in lost_before:  # replicas lost while starting or restoring: replaced before any step
             at.restarts.append(record)
@@ -212,8 +212,8 @@ class EpochLoop:
         # everything asked of the replicas first: a replica lost meanwhile is recovered and all asked again
         digests, memory, profiles = group.digests(), group.memory(), group.profiles()
         redone, state = max(live.redone for live in group.liveness()), group.state()
-        self.output.finished(at, steps, samples, wall_s, group.size, pipeline.replica_samples, pipeline.last_split,
-                             digests, pipeline.uneven_split())
+        self.output.finished(at, steps, samples - self.samples_before, wall_s, group.size, pipeline.replica_samples,
+                             pipeline.last_split, digests, pipeline.uneven_split())
         profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)
         model.load_state_dict(state)
         return TrainResult(

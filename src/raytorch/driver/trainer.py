@@ -9,6 +9,7 @@ replicas without leaving the loop.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import time
 import uuid
@@ -22,8 +23,9 @@ from ..config import TrainConfig, callback_specs, imported_fns
 from ..core.position import Position
 from ..core.result import TrainResult
 from ..core.runplan import RunPlan
+from ..core.snapshot import Snapshot
 from ..data.datasets import Stream, addressable
-from ..errors import ConfigError, ReplicaError
+from ..errors import CheckpointError, ConfigError, ReplicaError
 from ..group.cluster import ray_session
 from ..group.group import replica_group
 from ..output.callbacks import Callback, named_callback
@@ -31,6 +33,7 @@ from ..output.lines import is_scalar_linear
 from ..output.progress import ProgressLog, quiet_marked_lines
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
+from ..persist.runfiles import claim
 from ..persist.storage import RunStorage
 from ..replica.batches import check_dataset
 from ..replica.device import resolve_device
@@ -90,19 +93,30 @@ class Trainer:
         storage = RunStorage(config.output_dir or self.resume_from,
                              "output_dir" if config.output_dir else "resume_from")
         output = RunOutput(config, self.quiet, storage.local, self.callbacks)
+        checkpoints = RunCheckpoints(storage.url, config, output.say, storage.mirror)
         try:
-            result = self._fit(output, storage)
+            result = self._fit(output, storage, checkpoints)
+        except OSError as e:  # the driver's own writes into the run directory: a full disk, no permission
+            output.ended(None)
+            if not writing_run_dir(e, storage.local):
+                raise
+            raise CheckpointError(f"could not write to the run directory {storage.url} ({e.strerror or e}: "
+                                  f"{e.filename}); {checkpoints.kept()}") from e
         except BaseException:
             output.ended(None)
             raise
         output.ended(result)
         return result
 
-    def _fit(self, output: RunOutput, storage: RunStorage) -> TrainResult:
+    def _fit(self, output: RunOutput, storage: RunStorage, checkpoints: RunCheckpoints) -> TrainResult:
         fit_started, config = time.perf_counter(), self.config
         storage.open(output.say)  # a URL: checked for writing, what it holds staged
-        checkpoints = RunCheckpoints(storage.url, config, output.say, storage.mirror)
+        # a fresh run refuses another run's directory (or overwrites it); interrupted writes' leftovers go
+        claim(storage, self.resume_from is not None and config.output_dir in (None, self.resume_from),
+              config.overwrite, output.say)
         resumed = checkpoints.resume(self.resume_from) if self.resume_from else None
+        if checkpoints.finished:  # nothing to train: its result at once, without Ray
+            return self._finished_run(*resumed, fit_started)
         train_set, eval_set = self._datasets(output)
         plan = RunPlan.of(config, len(train_set), stream=isinstance(train_set, Stream))
         model, init_state = self._starting_point(output)
@@ -148,6 +162,15 @@ class Trainer:
         storage.mirror(strict=True)
         return dataclasses.replace(result, resumed_from=resumed[0].steps if resumed else None)
 
+    def _finished_run(self, snapshot: Snapshot, at: Position, fit_started: float) -> TrainResult:
+        """The result of a run that had finished when it was resumed: its model and its losses."""
+        torch.manual_seed(self.config.seed)
+        model = self.model_fn()
+        model.load_state_dict(snapshot.model)
+        return TrainResult(epoch_losses=at.epoch_losses, eval_losses=at.eval_losses, eval_accuracies=at.eval_accuracies,
+                           model=model, steps=snapshot.steps, samples=0, wall_time_s=time.perf_counter() - fit_started,
+                           restarts=at.restarts, skipped_steps=at.skipped, resumed_from=snapshot.steps)
+
     def _datasets(self, output: RunOutput) -> tuple:
         """The train and eval sets, addressable by index (a stream (IterableDataset) by position, a
         ray.data.Dataset by block and row), their items checked against the step."""
@@ -170,6 +193,12 @@ class Trainer:
         if running_statistics(model):
             output.say(batchnorm_rule(self.config))
         return model, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def writing_run_dir(error: OSError, run_dir) -> bool:
+    """Whether `error` is a failed write into the run directory `run_dir` (None: there is none)."""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes need no filename to fail
+    return run_dir is not None and (full or str(error.filename or "").startswith(str(run_dir)))
 
 
 def batchnorm_rule(config: TrainConfig) -> str:

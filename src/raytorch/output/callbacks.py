@@ -94,6 +94,8 @@ class Callbacks:
             try:
                 getattr(callback, hook)(*args)
             except Exception as e:  # noqa: BLE001 -- any error of someone else's code: drop it, train on
+                if getattr(callback, "essential", False):  # raytorch's own run directory: the run stops
+                    raise
                 self.active.remove(callback)
                 self.say(f"callback {type(callback).__name__} failed in {hook}: {type(e).__name__}: {e}; "
                          "left out for the rest of the run")

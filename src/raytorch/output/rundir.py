@@ -16,7 +16,9 @@ class RunDir(Callback):
     """The run directory: the resolved config (config.yaml); metrics.jsonl, one JSON object per
     line, its "event" saying what ('step' every log_every steps and the first, 'epoch', 'eval',
     'checkpoint', 'replica_lost', 'step_skipped', ...: callbacks.py); the same steps and epochs as
-    TensorBoard scalars (optional); loss.png at the end."""
+    TensorBoard scalars (optional); loss.png at the end. A write that fails stops the run (essential)."""
+
+    essential = True
 
     def __init__(self, path: str | Path, tensorboard: bool = False, log_every: int = 0):
         self.path = Path(path)

@@ -10,7 +10,10 @@ their own).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -44,6 +47,14 @@ class StepsDone(NamedTuple):
     seconds_per_step: float
     """Since the previous gathering."""
     running_loss: Optional[float]
+
+
+def save_safetensors(model: nn.Module, run_dir: Path, metadata: dict[str, str]) -> None:
+    """run_dir/model.safetensors, with the mode model.pt beside it has: safetensors makes its file
+    0600, every other file of a run takes what the umask gives (persist/checkpoint.py's too)."""
+    path = run_dir / "model.safetensors"
+    save_model(model, str(path), metadata=metadata)
+    os.chmod(path, stat.S_IMODE((run_dir / "model.pt").stat().st_mode))
 
 
 class RunOutput:
@@ -206,7 +217,7 @@ class RunOutput:
 
     # -- the end -------------------------------------------------------------------------------------
 
-    def finished(self, at: Position, steps: int, samples: int, wall_s: float, workers: int,
+    def finished(self, at: Position, steps: int, samples: int, wall_s: float, workers: int,  # samples: this run's
                  replica_samples: dict[int, int], last_split: dict[int, int], digests: list[str],
                  uneven: Optional[tuple[str, str, float]] = None) -> None:
         """The closing lines: final loss, summary, restarts, the split (adaptive) and why it is far
@@ -237,8 +248,8 @@ class RunOutput:
         if not self.run_dir:
             return
         torch.save(model.state_dict(), self.run_dir.path / "model.pt")
-        save_model(model, str(self.run_dir.path / "model.safetensors"),
-                   metadata={"format": "pt", "raytorch_config": json.dumps(self.config.to_dict())})
+        save_safetensors(model, self.run_dir.path,
+                         {"format": "pt", "raytorch_config": json.dumps(self.config.to_dict())})
         plot = self.run_dir.plot()
         self.say(f"Loss curve: {plot}" if plot
                  else "No loss curve drawn: it needs matplotlib (pip install 'raytorch[plot]')")

@@ -30,6 +30,7 @@ from ..errors import CheckpointError
 from .storage import CHECKPOINTS, check_url, filesystem, is_local, is_url, join
 
 FORMAT = "raytorch-checkpoint/1"
+FILE_MODE = 0o666  # as open() creates files: the umask decides, as for the run directory's other files
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
@@ -38,8 +39,11 @@ def directory(run_dir: str | Path) -> str | Path:
     return join(run_dir, CHECKPOINTS)
 
 
-def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> str | Path:
-    """Write the checkpoint of global step `step`; then remove all but the newest `keep`."""
+def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int, own: Optional[list[str]] = None
+         ) -> str | Path:
+    """Write the checkpoint of global step `step`; then remove all but the newest `keep` of the
+    run's own (`own`, oldest first: the names of the checkpoints this run resumed from or wrote;
+    None: every checkpoint in the folder)."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "step": step, **payload}, buffer)
     data = buffer.getvalue()
@@ -53,7 +57,8 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> 
         _sync_directory(Path(folder))
     else:
         _publish(fs, f"{folder}/{name}", data, checksum)
-    for old in _names(fs, folder)[keep:]:
+    mine = set(_names(fs, folder)) if own is None else {*own, name}
+    for old in sorted(mine, reverse=True)[keep:]:
         _remove(fs, f"{folder}/{checksum_name(old)}")  # first: the pair reads as unfinished from now on
         _remove(fs, f"{folder}/{old}")
     return join(run_dir, CHECKPOINTS, name)
@@ -109,6 +114,8 @@ class RunCheckpoints:
         self.run_dir = (run_dir if is_url(run_dir) else Path(run_dir)) if run_dir else None
         self.config, self.say, self.mirror = config, say, mirror
         self.last: Optional[str | Path] = None  # the newest checkpoint written or resumed from
+        self.finished = False  # the run resumed from had finished: nothing left to train
+        self.own: list[str] = []  # checkpoints of this run (resumed from, or written): the only ones pruned
 
     @property
     def enabled(self) -> bool:
@@ -118,7 +125,14 @@ class RunCheckpoints:
         """Write where the run stands: `snapshot` of the replicas' state and `at`, in the epoch that
         starts at global step `first_step`."""
         payload = {**snapshot.state(), **at.checkpoint(snapshot.steps - first_step), "config": self.config.to_dict()}
-        self.last = save(self.run_dir, snapshot.steps, payload, self.config.keep_checkpoints)
+        try:
+            self.last = save(self.run_dir, snapshot.steps, payload, self.config.keep_checkpoints, self.own)
+        except OSError as e:  # a full disk, a lost mount, no permission: the temporary file is gone already
+            raise CheckpointError(f"could not write the checkpoint of step {snapshot.steps} to "
+                                  f"{directory(self.run_dir)} ({e.strerror or e}); {self.kept()}") from e
+        except CheckpointError as e:  # an object store's read-back differed
+            raise CheckpointError(f"{e}; {self.kept()}") from e
+        self.own.append(Path(str(self.last)).name)
         return self.last
 
     def resume(self, run_dir: str | Path) -> tuple[Snapshot, Position]:
@@ -126,6 +140,8 @@ class RunCheckpoints:
         a CheckpointError where it was trained with other run-defining fields."""
         check_url(run_dir, "resume_from")
         saved, self.last, skipped = load_latest(run_dir)
+        # this run's own: the checkpoint it resumes from and the older ones; not the newer ones skipped
+        self.own = [Path(str(path)).name for path in reversed(listed(run_dir)) if str(path) <= str(self.last)]
         for line in skipped:
             self.say(f"skipping a checkpoint: {line}")
         theirs = saved["config"]
@@ -134,13 +150,14 @@ class RunCheckpoints:
                 raise CheckpointError(f"{run_dir} was trained with {name}={theirs.get(name)!r}, this run "
                                       f"asks for {getattr(self.config, name)!r}: resume with the same {name}")
         if saved["epoch"] >= self.config.epochs and saved["index"] == 0:
-            self.say(f"{run_dir}: the run already finished; nothing to resume")
+            self.finished = True
+            self.say(f"{run_dir}: the run already finished (step {saved['step']}); nothing to resume")
         return Snapshot.from_checkpoint(saved), Position.from_checkpoint(saved)
 
     def kept(self) -> str:
         """Where a run that stops now can resume from, in words."""
         if self.last:
-            return f"last good checkpoint {self.last}"
+            return f"last good checkpoint {self.last}: resume with --resume {self.run_dir}"
         return "no checkpoint written yet" if self.enabled else "no checkpoint written (set output_dir)"
 
 
@@ -186,12 +203,19 @@ def _publish(fs: Any, path: str, data: bytes, checksum: bytes) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name (created anew, no link followed), flush to disk, rename into place;
+    on any failure the temporary file is removed."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _sync_directory(folder: Path) -> None:

@@ -4,11 +4,12 @@ gs://bucket/run, file:///abs/path).
 A URL on a remote filesystem gets a local staging directory for the files the run writes as it
 goes (config.yaml, metrics.jsonl, tensorboard/, loss.png, model.pt, ...),
 
-    <tempfile.gettempdir()>/raytorch-runs/<hash of the URL>/<the URL's last name>
+    <tempfile.gettempdir()>/raytorch-run-<random>/<the URL's last name>
 
-which starts as a copy of what the URL holds (a resumed run appends to its metrics.jsonl, as in a
-local directory) and is uploaded to the URL (mirrored) at each checkpoint, at the end of the run and
-when it stops on an error or a signal. Checkpoints go straight to the URL (checkpoint.py). A file://
+(made by mkdtemp: mode 0700 and a name nobody can plant a link at ahead of the run), which starts
+as a copy of what the URL holds (a resumed run appends to its metrics.jsonl, as in a local
+directory) and is uploaded to the URL (mirrored) at each checkpoint, at the end of the run and when
+it stops on an error or a signal. Checkpoints go straight to the URL (checkpoint.py). A file://
 URL is a local path: no staging.
 
 Credentials are the backend's own. s3:// (s3fs, botocore): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -19,7 +20,6 @@ ENDPOINT_VARIABLES).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -88,10 +88,10 @@ def check_url(address: Optional[str | Path], field: str) -> None:
 
 
 def staging_dir(url: str) -> Path:
-    """The local directory where a remote run directory's files are written before their upload."""
-    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    """A new local directory where a remote run directory's files are written before their upload,
+    inside a private one of this user's (tempfile.mkdtemp: 0700, an unpredictable name)."""
     name = url.rstrip("/").rsplit("/", 1)[-1] or "run"
-    return Path(tempfile.gettempdir()) / "raytorch-runs" / digest / name
+    return Path(tempfile.mkdtemp(prefix="raytorch-run-")) / name
 
 
 class RunStorage:
@@ -121,7 +121,6 @@ class RunStorage:
             probe = f"{self.root}/{PROBE}-{os.getpid()}"
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
-            shutil.rmtree(staged, ignore_errors=True)
             for path in held:
                 target = staged / self._relative(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +152,51 @@ class RunStorage:
             if strict:
                 raise RaytorchError(message) from e
             self.say(f"WARNING: {message}")
+
+    def names(self) -> list[str]:
+        """What the run directory holds at its top: names of files and folders (none where it does
+        not exist yet)."""
+        if not self.remote:
+            return sorted(p.name for p in Path(self.root).iterdir()) if Path(self.root).is_dir() else []
+        self.fs.invalidate_cache(self.root)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, names: list[str]) -> None:
+        """Remove these files and folders from the top of the run directory (and from the staging
+        directory of a remote one)."""
+        for name in names:
+            if self.remote:
+                if self.fs.exists(f"{self.root}/{name}"):
+                    self.fs.rm(f"{self.root}/{name}", recursive=True)
+                self.uploaded = {k: v for k, v in self.uploaded.items() if k != name and not k.startswith(name + "/")}
+            path = Path(self.local if self.remote else self.root) / name  # the staged copy, or the file itself
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def remove_matching(self, folder: str, pattern) -> list[str]:
+        """Remove the files of `folder` (in the run directory) whose names match `pattern`; their names."""
+        if self.remote:
+            where = f"{self.root}/{folder}"
+            self.fs.invalidate_cache(where)
+            try:
+                paths = self.fs.ls(where, detail=False)
+            except FileNotFoundError:
+                return []
+        else:
+            where = Path(self.root) / folder
+            paths = [str(p) for p in where.iterdir()] if where.is_dir() else []
+        removed = []
+        for path in paths:
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if pattern.match(name):
+                (self.fs.rm_file(path) if self.remote else Path(path).unlink())
+                removed.append(name)
+        return sorted(removed)
 
     def _relative(self, path: str) -> str:
         return path[len(self.root):].lstrip("/")

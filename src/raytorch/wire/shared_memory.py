@@ -35,6 +35,16 @@ class Buffers(NamedTuple):
     control: np.ndarray
 
 
+def created(path: str, dtype, numel: int) -> np.memmap:
+    """A new file in /dev/shm of `numel` elements, mapped read-write: made 0600 (this user's replicas
+    alone can read the gradients and parameters in it), and refused where the name exists already
+    or is a link (O_EXCL | O_NOFOLLOW): nobody else's file is ever written through it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "r+b") as f:
+        f.truncate(numel * np.dtype(dtype).itemsize)
+        return np.memmap(f, dtype=dtype, mode="r+", shape=(numel,))
+
+
 class SharedMemoryWire:
     """Replicas on one node read each other's gradients straight from /dev/shm.
 
@@ -71,9 +81,9 @@ class SharedMemoryWire:
         names = ("grad0", "grad1", "reduced0", "reduced1", "control") + tuple(
             f"{name}{parity}" for name in shared for parity in (0, 1)) * (rank == 0)
         self.paths = [str(SHM_DIR / f"{prefix}-rank{rank}-{name}") for name in names]
-        grads = [np.memmap(p, dtype=dtype, mode="w+", shape=(numel,)) for p in self.paths[:2]]
-        chunks = [np.memmap(p, dtype=dtype, mode="w+", shape=(self._size(rank),)) for p in self.paths[2:4]]
-        control = np.memmap(self.paths[4], dtype=np.int64, mode="w+", shape=(CONTROL,))
+        grads = [created(p, dtype, numel) for p in self.paths[:2]]
+        chunks = [created(p, dtype, self._size(rank)) for p in self.paths[2:4]]
+        control = created(self.paths[4], np.int64, CONTROL)
         control[:LOSS] = [step - 1, step - 1, 0, step - 1]
         self.own = Buffers(grads, chunks, control)
         self.shared_names = list(shared)
@@ -91,7 +101,8 @@ class SharedMemoryWire:
 
     def _map(self, paths: Sequence[str], dtype: np.dtype, numel: int, mode: str) -> dict[str, list[np.ndarray]]:
         """The shared buffers at `paths` (two per name of shared_names, in order), mapped."""
-        buffers = [np.memmap(path, dtype=dtype, mode=mode, shape=(numel,)) for path in paths]
+        buffers = [created(path, dtype, numel) if mode == "w+" else
+                   np.memmap(path, dtype=dtype, mode=mode, shape=(numel,)) for path in paths]
         return {name: buffers[2 * i:2 * i + 2] for i, name in enumerate(self.shared_names) if buffers}
 
     def attach(self, paths_by_rank: dict[int, list[str]], pids_by_rank: dict[int, int]) -> None:
