@@ -20,15 +20,9 @@ import pytest
 TIERS = ("unit", "integration", "system")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups set here
 def pytest_collection_modifyitems(config, items):
     for item in items:
         marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
-        # pytest-xdist (-n 2 --dist loadgroup, pyproject.toml): a file's tests run in one worker, so
-        # its module fixtures run once; every system test runs in one worker, one after another, so
-        # no two clusters, sshds or browsers of this suite run at once (two local Rays do: each
-        # worker has its session's own, and every test reads only its own Ray)
-        item.add_marker(pytest.mark.xdist_group("system" if "system" in marked else item.path.name))
         if "system" in marked:
             continue
         if "integration" in marked or "ray_local" in item.fixturenames:
@@ -64,8 +58,8 @@ def unit_tests_start_no_ray(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (each xdist worker's own), on 127.0.0.1, with room for 4
-    one-CPU replicas, and its dashboard (Ray's state API goes through it)."""
+    """One local Ray for the whole session, on 127.0.0.1, with room for 4 one-CPU replicas, and its
+    dashboard (Ray's state API goes through it)."""
     from raytorch.group.cluster import keep_on_loopback
 
     keep_on_loopback()

@@ -323,8 +323,8 @@ def test_a_run_on_s3_checkpoints_there_and_resumes_from_it(ray_local, bucket, ca
     config = TrainConfig(**JOB, workers=2, output_dir=url, checkpoint_every=10, keep_checkpoints=100)
     run = partial(Trainer, config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss)
     full = run().fit()
-    assert re.search(rf"run directory {url}: files staged in {tempfile.gettempdir()}/raytorch-run-\w+/run;",
-                     capsys.readouterr().out)
+    staged = rf"{re.escape(tempfile.gettempdir())}/raytorch-run-\w+/run"  # mkdtemp's: a new name each run
+    assert re.search(rf"run directory {re.escape(url)}: files staged in {staged}, uploaded", capsys.readouterr().out)
     model, losses = train_reference(partial(torch.nn.Linear, 1, 1), DATA(), F.mse_loss, **JOB)
     assert_same_parameters(full.model, model)
     assert full.epoch_losses == pytest.approx(losses, rel=1e-5)

@@ -3,18 +3,22 @@ test_driver_unit.py): a fresh run refuses another run's directory at once, or ov
 request; checkpoints are pruned only among the run's own; a finished run's --resume returns at once;
 a resumed run's samples/s counts its own samples; a failed write stops in one line naming the last
 good checkpoint and the resume command, leaving no temporary file; interrupted writes' leftovers go
-on the next start; the run's files share one mode."""
+on the next start; the run's files share one mode; a replica's error names where to resume from; a
+model_fn that builds differently per process fails at start."""
 
 import errno
 import json
 import os
 import shutil
 import stat
+from functools import partial
 
 import pytest
+import torch
 
-from raytorch import CheckpointError, ConfigError, TrainConfig, Trainer
+from raytorch import CheckpointError, ConfigError, ReplicaError, TrainConfig, Trainer
 from raytorch.output.sink import RunOutput
+from raytorch.tasks.builtin import mlp
 from test_driver_unit import EVAL, JOB, MLP
 from test_driver_unit import runs as runs  # noqa: F401  (the fixture)
 
@@ -174,3 +178,37 @@ def test_a_copy_of_a_run_directory_resumes_and_the_original_is_not_touched(runs,
     before = sorted(p.name for p in run.rglob("*"))
     again = trainer(output_dir=str(copy), resume=True, max_steps=8).fit()
     assert again.resumed_from == 8 and sorted(p.name for p in run.rglob("*")) == before
+
+
+class ExplodesAt(torch.nn.Module):
+    """The MLP, whose `at`-th training forward in its process raises."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = MLP["model_fn"](), at, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        if self.calls == self.at:
+            raise ValueError("boom")
+        return self.inner(x)
+
+
+def test_a_replicas_error_names_the_last_good_checkpoint_and_the_resume_command(runs, tmp_path):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "step-000000006.pt"
+    with pytest.raises(ReplicaError, match=rf"ValueError: boom; last good checkpoint {last}: resume with "
+                                           rf"--resume {run}$"):
+        runs.fit(case=dict(MLP, model_fn=partial(ExplodesAt, 8)), workers=2, output_dir=str(run), checkpoint_every=2)
+
+
+def test_a_model_fn_that_builds_differently_per_process_fails_at_start_in_one_line(runs):
+    built = []
+
+    def model_fn():  # the driver's call, then each replica's: a wider model every time
+        built.append(len(built))
+        return mlp(16, 4, 8 + len(built))
+
+    with pytest.raises(ConfigError, match=r"^model_fn: built a different model in this replica than in the driver "
+                                          r"\(size mismatch for 0.weight: .*\): make it deterministic"):
+        runs.fit(case=dict(MLP, model_fn=model_fn), workers=2)

@@ -41,6 +41,8 @@ def _check_training(config: TrainConfig) -> None:
         )
     if config.loader_workers < 0:
         raise ConfigError("loader_workers", f"must be >= 0 threads, got {config.loader_workers}")
+    if config.step is not None and config.loss is not None:
+        raise ConfigError("loss", "a step (--step) computes its own loss: give --loss or --step, not both")
     if config.accumulate < 1:
         raise ConfigError("accumulate", f"must be at least 1 micro-batch per step, got {config.accumulate}")
     if config.sync_batchnorm and config.accumulate > 1:

@@ -54,7 +54,7 @@ class StepPipeline:
         self.carried: list = []  # the gradient refs it routes to (object-store wire)
         self.speeds = SpeedEstimate(group.size)
         self.shares: Optional[list[float]] = None  # the current split (None: even)
-        self.last_split: dict[int, int] = {}  # the last step's part size by rank
+        self.last_split: dict[int, int] = {}  # the last full batch's part size by rank
         self.replica_samples: Counter[int] = Counter()  # samples computed, by rank
         self.step_time = 0.0  # seconds per step over the epoch so far
         self.epoch_clock = (time.perf_counter(), 0)  # when the epoch's steps (re)started, and at which index
@@ -145,7 +145,9 @@ class StepPipeline:
             samples_per_s=self.samples_since / max(now - started, 1e-9),
             seconds_per_step=(now - self.last_collect) / len(call.sizes), running_loss=at.running_loss()), at)
         self.last_collect = now
-        self.last_split = dict(zip(ranks, call.sizes[-1]))
+        # a short last batch is cut by speed too, but its small parts say little about the speeds
+        full = [sizes for sizes in call.sizes if sum(sizes) == self.plan.step_batch]
+        self.last_split = dict(zip(ranks, full[-1])) if full else self.last_split
         self.step_time = (now - started) / max(1, len(at.losses) - index)
 
     def _say_unplaced(self, reports: list[RunReport]) -> None:

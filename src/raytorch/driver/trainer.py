@@ -8,6 +8,7 @@ replicas without leaving the loop.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import json
@@ -29,7 +30,7 @@ from ..errors import CheckpointError, ConfigError, ReplicaError
 from ..group.cluster import ray_session
 from ..group.group import replica_group
 from ..output.callbacks import Callback, named_callback
-from ..output.lines import is_scalar_linear
+from ..output.lines import compile_line, is_scalar_linear
 from ..output.progress import ProgressLog, quiet_marked_lines
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
@@ -127,8 +128,9 @@ class Trainer:
             try:
                 output.started(run_name, session.gcs_address, session.dashboard_url)
                 config = resolve_device(config, session.resources)
-                if config.device != self.config.device:
-                    output.say(f"device auto: {config.device}")
+                for line in ([f"device auto: {config.device}"] if config.device != self.config.device else []) + (
+                        [compile_line()] if config.compile else []):
+                    output.say(line)
                 with replica_group(config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                                    init_state=init_state, train_set=train_set, eval_set=eval_set,
                                    total_steps=plan.total_steps,
@@ -152,9 +154,9 @@ class Trainer:
                                      fit_started, stop, lost)
                     try:
                         result = loop.run(model)
-                    except ReplicaError:
+                    except ReplicaError as e:
                         loop.abandon()
-                        raise
+                        raise e if checkpoints.kept() in str(e) else with_kept(e, checkpoints.kept()) from e
             finally:
                 output.close()
                 storage.mirror()  # what the run wrote, also where it stops on an error or a signal
@@ -195,6 +197,13 @@ class Trainer:
         return model, {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def with_kept(error: ReplicaError, kept: str) -> ReplicaError:
+    """`error`, its message followed by where the run can resume from (its fields kept)."""
+    told = copy.copy(error)
+    told.args = (f"{error}; {kept}", *error.args[1:])
+    return told
+
+
 def writing_run_dir(error: OSError, run_dir) -> bool:
     """Whether `error` is a failed write into the run directory `run_dir` (None: there is none)."""
     full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes need no filename to fail
@@ -208,4 +217,5 @@ def batchnorm_rule(config: TrainConfig) -> str:
                 "process computes them (--sync-batchnorm)")
     return ("the model has BatchNorm: each replica normalizes by its own part's batch statistics, so the result "
             "depends on the number of replicas and the split (running statistics are averaged over replicas after "
-            "every step: replicas agree); for a result that does not, use --sync-batchnorm (or GroupNorm, LayerNorm)")
+            "every step: replicas agree); for a result that does not, use --sync-batchnorm "
+            "(TrainConfig(sync_batchnorm=True)), or GroupNorm, LayerNorm")

@@ -33,6 +33,10 @@ def epoch_line(epoch: int, loss: float, wb: Optional[tuple[float, float]] = None
     return line
 
 
+def compile_line() -> str:
+    return "compiling the model (torch.compile) in each replica: the first steps take longer"
+
+
 def final_line(eval_loss: float) -> str:
     return f"Final loss is: {eval_loss:.6f}"
 
@@ -41,8 +45,8 @@ def summary_line(loss: float, eval_loss: Optional[float], steps: int, samples: i
                  workers: int) -> str:
     """The run's last line: what it reached and what it cost."""
     evaluated = f", eval loss {eval_loss:.6f}" if eval_loss is not None else ""
-    return (f"Done: {steps} steps on {workers} replicas in {wall_s:.1f} s ({samples / wall_s:,.0f} samples/s); "
-            f"last epoch loss {loss:.6f}{evaluated}")
+    return (f"Done: {steps} steps on {workers} replica{'s' * (workers != 1)} in {wall_s:.1f} s "
+            f"({samples / wall_s:,.0f} samples/s); last epoch loss {loss:.6f}{evaluated}")
 
 
 def uneven_line(small: str, large: str, slower: float) -> str:

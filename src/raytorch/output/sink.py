@@ -207,7 +207,7 @@ class RunOutput:
         spares = record["spares_used"]
         by_spare = f" (by {', '.join(spares)}, started ahead)" if spares else ""
         self.say(f"replaced {', '.join(record['replaced']) or 'none'}{by_spare}; every replica at step "
-                 f"{record['step']}: redoing it on {workers} replicas")
+                 f"{record['step']}: redoing it on {workers} replica{'s' * (workers != 1)}")
 
     def recovered(self, record: dict) -> None:
         """The first step after a loss is done: the record with its recovery time."""
@@ -234,7 +234,7 @@ class RunOutput:
         if self.config.split == "adaptive" and last_split:
             total = max(1, sum(replica_samples.values()))
             shares = [f"{replica_name(rank)} {n / total:.1%} ({last_split.get(rank, 0)}"
-                      + (" in the last step)" if i == 0 else ")")
+                      + (" in the last full batch)" if i == 0 else ")")
                       for i, (rank, n) in enumerate(sorted(replica_samples.items()))]
             self.say("split of the samples: " + ", ".join(shares))
         if uneven is not None:

@@ -19,6 +19,7 @@ from ..config.schema import TrainConfig
 from ..core.sharding import steps_per_epoch
 from ..core.snapshot import Snapshot
 from ..data.datasets import Prefetcher, fetch
+from ..errors import ConfigError
 from .batches import SupervisedStep, checked_loss, describe, pin_memory, to_device
 from .device import autocast
 from .draws import ForwardDraws
@@ -37,6 +38,17 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def load_initial(model: nn.Module, init_state: dict) -> None:
+    """The driver's initial state into this replica's model: a ConfigError in one line where the
+    model is not the one the driver built (a model_fn that builds differently per process)."""
+    try:
+        model.load_state_dict(init_state)
+    except RuntimeError as e:
+        what = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ConfigError("model_fn", f"built a different model in this replica than in the driver ({what}): make "
+                                      f"it deterministic, the same parameters in every process") from e
+
+
 class Learner:
     """The model, optimizer, schedule and loss scaler of one replica, on `device`."""
 
@@ -53,7 +65,7 @@ class Learner:
         torch.manual_seed(config.seed)
         model = model_fn()  # with sync_batchnorm, its BatchNorms normalize over the global batch: syncbn.py
         self.model = (convert(model) if config.sync_batchnorm else model).to(self.device)
-        self.model.load_state_dict(init_state)
+        load_initial(self.model, init_state)
         # what forward runs: the model, or its compiled form (same parameters, same state_dict)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.supervised = SupervisedStep(loss_fn) if step_fn is None else None
