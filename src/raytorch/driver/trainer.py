@@ -156,7 +156,10 @@ class Trainer:
                         result = loop.run(model)
                     except ReplicaError as e:
                         loop.abandon()
-                        raise e if checkpoints.kept() in str(e) else with_kept(e, checkpoints.kept()) from e
+                        told = with_kept(e, checkpoints.kept())
+                        if told is e:
+                            raise
+                        raise told from e
             finally:
                 output.close()
                 storage.mirror()  # what the run wrote, also where it stops on an error or a signal
@@ -198,7 +201,10 @@ class Trainer:
 
 
 def with_kept(error: ReplicaError, kept: str) -> ReplicaError:
-    """`error`, its message followed by where the run can resume from (its fields kept)."""
+    """`error`, its message followed by where the run can resume from (its fields kept), unless
+    it says so already."""
+    if kept in str(error) or "--resume" in str(error) or "output_dir" in str(error):
+        return error
     told = copy.copy(error)
     told.args = (f"{error}; {kept}", *error.args[1:])
     return told
