@@ -156,7 +156,7 @@ class Trainer:
                         result = loop.run(model)
                     except ReplicaError as e:
                         loop.abandon()
-                        told = with_kept(e, checkpoints.kept())
+                        told = with_kept(e, checkpoints.kept() if checkpoints.last else "")
                         if told is e:
                             raise
                         raise told from e
@@ -202,8 +202,8 @@ class Trainer:
 
 def with_kept(error: ReplicaError, kept: str) -> ReplicaError:
     """`error`, its message followed by where the run can resume from (its fields kept), unless
-    it says so already."""
-    if kept in str(error) or "--resume" in str(error) or "output_dir" in str(error):
+    it says so already or there is no checkpoint to name (`kept` empty)."""
+    if not kept or kept in str(error) or "--resume" in str(error) or "output_dir" in str(error):
         return error
     told = copy.copy(error)
     told.args = (f"{error}; {kept}", *error.args[1:])
