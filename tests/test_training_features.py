@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from raytorch import ConfigError, TrainConfig, Trainer
-from raytorch.driver import trainer
 from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
-from test_driver_unit import InProcess
+from test_driver_unit import runs as runs  # noqa: F401  (the fixture: Trainer.fit on in-process replicas, no Ray)
 
 DATA = partial(classification_data, 150, 4)  # 150 samples: batches of 32 leave a short last one
 MODEL = partial(mlp, 16, 4, hidden=16)
@@ -28,15 +27,6 @@ FEATURES = pytest.mark.parametrize("features", [
 ], ids=["step", "cosine+warmup", "warmup", "weight_decay", "grad_clip", "max_steps"])
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Trainer.fit on in-process replicas (FakeGroup), as test_driver_unit's `runs`: no Ray."""
-    runs = InProcess()
-    monkeypatch.setattr(trainer, "replica_group", runs.replica_group)
-    monkeypatch.setattr(trainer, "ray_session", runs.ray_session)
-    return runs
-
-
 @FEATURES
 @pytest.mark.parametrize("workers", [3])  # real replicas; W = 2: the in-process test below
 def test_feature_matches_one_process(ray_local, features, workers):
@@ -44,7 +34,7 @@ def test_feature_matches_one_process(ray_local, features, workers):
 
 
 @FEATURES
-def test_feature_matches_one_process_on_two_in_process_replicas(in_process, features):
+def test_feature_matches_one_process_on_two_in_process_replicas(runs, features):
     assert_feature_matches_one_process(features, 2)
 
 
@@ -82,7 +72,7 @@ def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch(ray_local, w
     assert_accumulating_equals_a_larger_batch(workers)
 
 
-def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch_on_two_in_process_replicas(in_process):
+def test_accumulating_k_micro_batches_equals_a_k_times_larger_batch_on_two_in_process_replicas(runs):
     assert_accumulating_equals_a_larger_batch(2)
 
 
