@@ -71,7 +71,7 @@ def kept(key: int, samples: Optional[torch.Tensor], per_sample: int, p: float, d
     return drawn >= int(p * 2 ** 32)
 
 
-Layout = tuple[Optional[int], int]  # (the dimension of samples or None, how many rows each sample has there)
+Layout = Optional[int]  # the dimension that holds the samples (as many rows each), or None: no sample there
 
 
 class SeededForward(TorchFunctionMode):
@@ -106,20 +106,19 @@ class SeededForward(TorchFunctionMode):
         dim 0), or the one dimension of the forward's sample count (see the module's docstring)."""
         n = len(self.samples)
         if attention:
-            return (0, shape[0] // n) if len(shape) >= 3 and shape[0] % n == 0 else (None, 1)
+            return 0 if len(shape) >= 3 and shape[0] % n == 0 else None
         candidates = [d for d, size in enumerate(shape) if size == n]
         if len(candidates) == 1:
             self.layouts[self.site] = candidates[0]
         elif len(candidates) > 1:
             remembered = self.layouts.get(self.site)
-            return (remembered if remembered in candidates else candidates[0]), 1
-        return (candidates[0] if candidates else None), 1
+            return remembered if remembered in candidates else candidates[0]
+        return candidates[0] if candidates else None
 
-    def keep(self, shape: torch.Size, p: float, device, layout: Layout) -> torch.Tensor:
+    def keep(self, shape: torch.Size, p: float, device, dim: Layout) -> torch.Tensor:
         """The kept elements (bool, of `shape`) of this call site's dropout at rate `p`."""
         key = site_key(self.seed, self.step, self.site)
         self.site += 1
-        dim, _ = layout
         if dim is None:
             return kept(key, None, math.prod(shape), p, device).view(shape)
         moved = (shape[dim], *shape[:dim], *shape[dim + 1:])
@@ -153,7 +152,7 @@ def _feature(spatial: int, alpha: bool = False):
         # as torch's: dropout2d takes a 3-D input as (N, C, L); 1d and 3d take (C, ...) as one sample
         batched = input.dim() > spatial + 1 if spatial in (1, 3) else True
         channels = input.shape[:2] if batched else input.shape[:1]
-        layout = mode.layout(channels) if batched else (None, 1)
+        layout = mode.layout(channels) if batched else None
         keep = mode.keep(channels, p, input.device, layout).to(input.dtype)
         keep = keep.view(*channels, *[1] * (input.dim() - len(channels)))
         return _noise(input, keep, p, alpha, inplace)
