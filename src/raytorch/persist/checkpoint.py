@@ -132,7 +132,8 @@ class RunCheckpoints:
                                   f"{directory(self.run_dir)} ({e.strerror or e}); {self.kept()}") from e
         except CheckpointError as e:  # an object store's read-back differed
             raise CheckpointError(f"{e}; {self.kept()}") from e
-        self.own.append(Path(str(self.last)).name)
+        # what pruning left of the run's own (names sort by step): pruned ones are not asked about again
+        self.own = sorted({*self.own, Path(str(self.last)).name})[-self.config.keep_checkpoints:]
         return self.last
 
     def resume(self, run_dir: str | Path) -> tuple[Snapshot, Position]:
