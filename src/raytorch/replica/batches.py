@@ -97,13 +97,13 @@ def check_dataset(dataset: Any, field: str, step_fn: Callable | None, collate_fn
                                  f"(__iter__) for data that is read rather than indexed") from e
     if size == 0:
         raise ConfigError(field, "is empty: a run needs at least one sample")
+    items = [dataset[i] for i in range(min(2, size))]  # read once: an item may be costly to make
     if step_fn is None:
         try:
-            SupervisedStep.split(dataset[0])
+            SupervisedStep.split(items[0])
         except TypeError as e:
-            raise ConfigError(field, f"items are {describe(dataset[0])}, not (input, target) pairs: give "
+            raise ConfigError(field, f"items are {describe(items[0])}, not (input, target) pairs: give "
                                      f"step_fn(model, batch) -> loss instead of loss_fn") from e
-    items = [dataset[i] for i in range(min(2, size))]
     try:
         (collate_fn or default_collate)(items)
     except Exception as e:  # the user's collate (or torch's on the user's items): any error
