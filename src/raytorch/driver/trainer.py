@@ -128,9 +128,10 @@ class Trainer:
             try:
                 output.started(run_name, session.gcs_address, session.dashboard_url)
                 config = resolve_device(config, session.resources)
-                for line in ([f"device auto: {config.device}"] if config.device != self.config.device else []) + (
-                        [compile_line()] if config.compile else []):
-                    output.say(line)
+                if config.device != self.config.device:
+                    output.say(f"device auto: {config.device}")
+                if config.compile:
+                    output.say(compile_line())
                 with replica_group(config, run_name, model_fn=self.model_fn, loss_fn=self.loss_fn,
                                    init_state=init_state, train_set=train_set, eval_set=eval_set,
                                    total_steps=plan.total_steps,
@@ -203,7 +204,7 @@ class Trainer:
 def with_kept(error: ReplicaError, kept: str) -> ReplicaError:
     """`error`, its message followed by where the run can resume from (its fields kept), unless
     it says so already or there is no checkpoint to name (`kept` empty)."""
-    if not kept or kept in str(error) or "--resume" in str(error) or "output_dir" in str(error):
+    if not kept or "--resume" in str(error):  # kept names --resume: a message with it says where already
         return error
     told = copy.copy(error)
     told.args = (f"{error}; {kept}", *error.args[1:])
