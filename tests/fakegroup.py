@@ -13,6 +13,9 @@ Ray reports a dead actor), dead() lists the rank until replace() builds it afres
 dies as its call starts (before it applies anything). Each fault fires once: lose the same rank
 twice to lose its replacement too; `during` limits a fault to one group method (a loss while
 starting, restoring or recovering), and a rank in `no_room` is dropped by replace(), not rebuilt.
+`hang(rank, at_step)` loses it as found hung (hung_stacks() names it); `fail(rank, at_step)` has
+its call raise instead (get() raises the ReplicaError a replica's exception becomes), the replica
+left alive until end() ends it.
 
 The replicas share this process's torch random generator: use models without randomness (dropout).
 """
@@ -24,7 +27,7 @@ import dataclasses
 from typing import Any, NamedTuple, Optional, Sequence
 
 from raytorch.core.naming import replica_name
-from raytorch.errors import ReplicaLost
+from raytorch.errors import ReplicaError, ReplicaLost
 from raytorch.group.records import Member, Replacement
 from raytorch.replica.actor import Replica
 
@@ -33,6 +36,13 @@ class Lost(NamedTuple):
     """The ref of a call that met lost replica `rank`: get() raises ReplicaLost."""
 
     rank: int
+
+
+class Raised(NamedTuple):
+    """The ref of a call in which replica `rank` raised at `step`: get() raises its ReplicaError."""
+
+    rank: int
+    step: int
 
 
 class Killed(Exception):
@@ -47,7 +57,9 @@ class FakeGroup:
         self.config, self.run_name, self.replica_args = config, run_name, replica_args
         self.replicas: dict[int, Replica] = {rank: self._build(rank) for rank in range(config.workers)}
         self.wire, self.wire_reason = "object_store", ""
-        self.faults: list[tuple[int, int, Optional[str]]] = []  # (rank, at_step, during): each fires once
+        self.faults: list[tuple[int, int, Optional[str], str]] = []  # (rank, at_step, during, kind): each fires once
+        self.broken: dict[int, int] = {}  # ranks that raised, and at which step: alive until end()
+        self.stacks: dict[str, None] = {}  # the replicas found hung, since hung_stacks() last took them
         self.gone: set[int] = set()  # lost and not replaced yet
         self.no_room: set[int] = set()  # ranks replace() drops instead of rebuilding (no room in time)
         self.replaced: list[list[int]] = []  # the ranks of each replace() call
@@ -63,19 +75,34 @@ class FakeGroup:
     def lose(self, rank: int, at_step: int = 0, during: Optional[str] = None) -> None:
         """Lose replica `rank` at its first call at or past global step `at_step`; with `during`
         (a group method's name: "settle", "positions", "copy_state", "restore", ...) only in that one."""
-        self.faults.append((rank, at_step, during))
+        self.faults.append((rank, at_step, during, "lost"))
+
+    def hang(self, rank: int, at_step: int = 0) -> None:
+        """Lose replica `rank` at `at_step` as a replica found hung and ended (step_timeout)."""
+        self.faults.append((rank, at_step, None, "hung"))
+
+    def fail(self, rank: int, at_step: int = 0) -> None:
+        """Replica `rank` raises in its first call at or past global step `at_step` (it stays alive)."""
+        self.faults.append((rank, at_step, None, "raised"))
 
     def _call(self, method: str, rank: int, fn, *args, step: Optional[int] = None) -> Any:
         """Replica `rank`'s answer to fn(*args) as a ref: Lost where it is (or is now) lost, or an
         argument is a Lost (the call would wait on a dead replica's gradient)."""
         step = self.replicas[rank].steps if step is None else step
         fault = next((f for f in self.faults if f[0] == rank and step >= f[1] and f[2] in (None, method)), None)
-        if fault is not None and rank not in self.gone:
+        if fault is not None and rank not in self.gone and rank not in self.broken:
             self.faults.remove(fault)
-            self.gone.add(rank)
+            if fault[3] == "raised":
+                self.broken[rank] = step
+            else:
+                self.gone.add(rank)
+            if fault[3] == "hung":
+                self.stacks[replica_name(rank)] = None
         if rank in self.gone:
             return Lost(rank)
-        lost = [arg for arg in args if isinstance(arg, Lost)]
+        if rank in self.broken:  # it raised: its later calls fail too (its wire has failed), until end()
+            return Raised(rank, self.broken[rank])
+        lost = [arg for arg in args if isinstance(arg, (Lost, Raised))]
         if lost:
             return lost[0]
         return copy.deepcopy(fn(*copy.deepcopy(args)))
@@ -131,7 +158,7 @@ class FakeGroup:
         for (rank, replica), plan in zip(self.replicas.items(), plans):
             computing = replica.steps + (plan[0][1] is not None)  # the step whose gradient it computes
             answer = self._call("run", rank, replica.run, plan, *carried, step=computing)
-            calls.append((answer, answer) if isinstance(answer, Lost) else answer)
+            calls.append((answer, answer) if isinstance(answer, (Lost, Raised)) else answer)
         return [handoff for handoff, _ in calls], [report for _, report in calls]
 
     def apply(self, reduce, carried: list) -> list:
@@ -141,6 +168,10 @@ class FakeGroup:
         lost = next((ref for ref in refs if isinstance(ref, Lost)), None)
         if lost is not None:
             raise ReplicaLost(f"replica {lost.rank} died: lost by the test", rank=lost.rank) from Killed("by the test")
+        raised = next((ref for ref in refs if isinstance(ref, Raised)), None)
+        if raised is not None:
+            raise ReplicaError(f"replica {raised.rank} failed in run after {raised.step} steps: RuntimeError: raised "
+                               "by the test", rank=raised.rank, step=raised.step)
         return list(refs)
 
     def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
@@ -182,15 +213,21 @@ class FakeGroup:
         return sorted(self.gone)
 
     def hung_stacks(self) -> dict:
-        return {}  # no replica here hangs: each call runs to its end
+        stacks, self.stacks = self.stacks, {}
+        return stacks
 
-    def replace(self, lost: Sequence[int]) -> Replacement:
-        """A fresh replica for each lost rank (from the same arguments), or none for those in no_room."""
+    def end(self, ranks: Sequence[int]) -> None:
+        self.gone.update(ranks)
+        for rank in ranks:
+            self.broken.pop(rank, None)
+
+    def replace(self, lost: Sequence[int], drop: Sequence[int] = ()) -> Replacement:
+        """A fresh replica for each lost rank (from the same arguments), or none for those in no_room or `drop`."""
         self.replaced.append(list(lost))
         replaced, dropped = [], []
         for rank in lost:
             self.gone.discard(rank)
-            if rank in self.no_room:
+            if rank in self.no_room or rank in drop:
                 del self.replicas[rank]
                 dropped.append(rank)
             else:

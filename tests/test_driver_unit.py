@@ -337,7 +337,7 @@ def test_fewer_than_min_workers_stop_with_a_checkpoint_to_resume_from(runs, tmp_
     hint = (f"; checkpoint {re.escape(str(run / 'checkpoints' / 'step-000000007.pt'))}; resume with --resume "
             f"{re.escape(str(run))}$" if output_dir
             else r" \(set output_dir to keep a checkpoint\)$")
-    with pytest.raises(ReplicaError, match=r"^1 replicas left, fewer than min_workers=2" + hint):
+    with pytest.raises(ReplicaError, match=r"^1 replica left, fewer than min_workers=2" + hint):
         runs.fit(**settings)
     if output_dir:  # nothing was lost: the run resumed from there ends where an unbroken run does
         runs.setup = lambda group: None
@@ -409,7 +409,7 @@ def test_until_settled_stops_below_min_workers():
     group = group_of(2)
     group.lose(1, during="restore")
     group.no_room.add(1)
-    with pytest.raises(ReplicaError, match=r"^1 replicas left, fewer than min_workers=2 while restoring$"):
+    with pytest.raises(ReplicaError, match=r"^1 replica left, fewer than min_workers=2 while restoring$"):
         until_settled(partial(group.restore, group.snapshot()), group, RecoveryPolicy(min_workers=2), "restoring")
 
 

@@ -22,12 +22,14 @@ class Picky(torch.nn.Linear):
         return super().forward(x)
 
 
-def test_error_inside_a_replica_names_it_and_the_cause(ray_local):
+def test_error_inside_a_replica_names_it_and_the_cause_after_one_retry(ray_local):
     x = np.arange(8, dtype=np.float32).reshape(-1, 1)
     x[7] = 42  # the last sample: with no shuffle, the second replica of the second step meets it
     data = ArrayDataset(x, 2 * x)
     config = TrainConfig(workers=2, epochs=1, batch_size=4, shuffle=False, optimizer="sgd", lr=1e-3)
-    with pytest.raises(ReplicaError, match=r"^replica 1 failed in run after 1 steps: ValueError: saw 42$"):
+    # on_error retry (the default): replica 1 is ended and replaced, and its replacement meets 42 again
+    with pytest.raises(ReplicaError, match=r"^replica 1 failed in run after 1 steps: ValueError: saw 42; step 1 "
+                                           r"failed again after a retry; no checkpoint written \(set output_dir\)$"):
         Trainer(config, model_fn=Picky, dataset_fn=lambda: data, loss_fn=F.mse_loss, quiet=True).fit()
 
 

@@ -159,7 +159,7 @@ def test_below_min_workers_the_run_stops_with_a_checkpoint_and_resumes(ray_local
     folder, trainer = gated_run(tmp_path, workers=2, min_workers=2, replace_timeout=0.001, output_dir=str(run))
     injector = inject(folder, 2, sigkill)
     with pytest.raises(ReplicaError,
-                       match=r"1 replicas left, fewer than min_workers=2; checkpoint .*step-0000000(39|40)\.pt"):
+                       match=r"1 replica left, fewer than min_workers=2; checkpoint .*step-0000000(39|40)\.pt"):
         trainer.fit()
     injector.join()
     config = TrainConfig(**JOB, workers=2, output_dir=str(run))

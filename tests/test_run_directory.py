@@ -199,7 +199,8 @@ def test_a_replicas_error_names_the_last_good_checkpoint_and_the_resume_command(
     last = run / "checkpoints" / "step-000000006.pt"
     with pytest.raises(ReplicaError, match=rf"ValueError: boom; last good checkpoint {last}: resume with "
                                            rf"--resume {run}$"):
-        runs.fit(case=dict(MLP, model_fn=partial(ExplodesAt, 8)), workers=2, output_dir=str(run), checkpoint_every=2)
+        runs.fit(case=dict(MLP, model_fn=partial(ExplodesAt, 8)), workers=2, output_dir=str(run), checkpoint_every=2,
+                 on_error="stop")
 
 
 def test_a_model_fn_that_builds_differently_per_process_fails_at_start_in_one_line(runs):

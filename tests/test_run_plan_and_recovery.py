@@ -76,7 +76,7 @@ def test_policy_stops_below_min_workers():
     policy = RecoveryPolicy(min_workers=2)
     assert policy.after_replacement(2).recover
     decision = policy.after_replacement(1)
-    assert not decision.recover and decision.reason == "1 replicas left, fewer than min_workers=2"
+    assert not decision.recover and decision.reason == "1 replica left, fewer than min_workers=2"
 
 
 def position():

@@ -24,6 +24,7 @@ ReductionName = Literal["auto", "shared_memory", "collective", "object_store"]
 GradDtypeName = Literal["fp32", "bf16"]
 PlacementName = Literal["pack", "spread"]
 NonFiniteAction = Literal["stop", "skip"]
+ErrorAction = Literal["retry", "stop"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
 SplitName = Literal["even", "adaptive"]
 InitName = Literal["default", "zeros"]
@@ -188,7 +189,10 @@ class TrainConfig:
     """Elastic runs: most replicas. The run starts with as many as fit now (at least workers) and takes in more where room appears mid-run (a node joins, the autoscaler adds one, a lost replica's resources return), between steps, each starting from a live replica's state: the result is the same at any size. The CLI's --workers MIN:MAX sets workers and min_workers to MIN and this to MAX. Default: no growth."""
 
     step_timeout: float = 300.0
-    """A replica that spends longer than this on one step, or stops answering for as long, is treated as dead and replaced."""
+    """A replica that spends longer than this on one step, or stops answering for as long, is treated as dead and replaced; one that times out 3 times is not replaced again (the run goes on without it at min_workers or above, else stops)."""
+
+    on_error: ErrorAction = "retry"
+    """An exception raised inside a replica: 'retry' ends that replica and redoes its step on a replacement from the other replicas' state, once (the same step failing again stops the run); 'stop' ends the run at once. Either way the message names the replica, the step and the resume command."""
 
     on_nonfinite: NonFiniteAction = run_defining("stop")
     """NaN or inf in a step's loss or gradient: 'stop' the run naming the step and replica (checkpoints stay as they were), or 'skip' that step's update on every replica."""

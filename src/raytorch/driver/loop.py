@@ -18,7 +18,7 @@ from ..core.reduce import weighted_mean
 from ..core.result import TrainResult
 from ..core.runplan import RunPlan
 from ..core.sharding import split_batch
-from ..errors import Interrupted, ReplicaLost
+from ..errors import Interrupted, ReplicaError, ReplicaLost
 from ..group.group import ReplicaGroup
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
@@ -42,8 +42,8 @@ class EpochLoop:
         # the pipeline pauses between calls for a signal, or for a replica that found room to join (elastic)
         self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept,
                                      lambda: self.stop.requested or group.joining() or group.moving())
-        self.recovery = Recovery(config, group, self.pipeline, output, plan, RecoveryPolicy(config.min_workers),
-                                 self.checkpoint, checkpoints.kept)
+        policy = RecoveryPolicy(config.min_workers, on_error=config.on_error)
+        self.recovery = Recovery(config, group, self.pipeline, output, plan, policy, self.checkpoint, checkpoints.kept)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
         self.epoch_times: list[float] = []
         self.epoch_started: Optional[float] = None
@@ -89,9 +89,9 @@ class EpochLoop:
                 if not at.stopped and eval_loss is not None:
                     self.judge(eval_loss, accuracy, self.plan.first_step(at.epoch) + len(batches))
                 state = self.group.state() if self.scalar_linear else None
-            except ReplicaLost as lost:
-                # recover: replace the lost replicas, bring all to the most advanced survivor's step
-                self.recovery.recover(lost, at, batches)
+            except ReplicaError as failed:
+                # recover: replace the lost (or one that raised: on_error), all at the most advanced survivor's step
+                self.recovery.after(failed, at, batches)
                 continue
             # log: the seed's line, a metrics record, the dashboard's gauges
             self.log_epoch(eval_loss, accuracy, state, epoch_time)

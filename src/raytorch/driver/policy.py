@@ -4,8 +4,14 @@ failure policy decides and its controller acts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from ..errors import NonFiniteError, PeerError
+
+# A replica ended as hung this many times in one run is not replaced again: a slow node's
+# replacement lands where it was, and would time out again.
+MAX_HANGS = 3
 
 
 @dataclass(frozen=True)
@@ -15,7 +21,7 @@ class Failure:
     lost: str
     """The loss, in words (the ReplicaLost's message)."""
     replicas: list[str]
-    """The replicas found gone (dead, or hung and killed), by name."""
+    """The replicas found gone (dead, or hung and killed, or ended after raising), by name."""
     attempt: int
     """0 for the first try at recovering from this loss; each further loss during recovery adds 1."""
     survivors: int
@@ -23,6 +29,12 @@ class Failure:
     """The step to redo: the most advanced survivor's (None without survivors)."""
     previous: Optional[dict]
     """The run's last restart record (replica_lost event), if any."""
+    raised: Optional[str] = None
+    """The error a replica raised, where it was ended to retry its step (on_error 'retry')."""
+    hung: tuple[str, ...] = ()
+    """Of `replicas`, those ended as hung (step_timeout) this time."""
+    hangs_before: dict[str, int] = field(default_factory=dict)
+    """Times each replica was ended as hung earlier in the run, by name."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,8 @@ class Decision:
     recover: bool
     reason: str = ""
     """Why the run stops, where it does."""
+    capped: tuple[str, ...] = ()
+    """Replicas not to replace: they timed out max_hangs times (the run goes on without them)."""
 
 
 @dataclass(frozen=True)
@@ -39,20 +53,39 @@ class RecoveryPolicy:
     min_workers: int = 1
     max_attempts: int = 3
     """Tries at one recovery: each new loss while recovering starts it over."""
+    on_error: str = "retry"
+    """A replica that raises: 'retry' its step once from the survivors' state, or 'stop'."""
+    max_hangs: int = MAX_HANGS
+    """Times one replica may be ended as hung before it is no longer replaced."""
+
+    def retries(self, error: Exception, workers: int) -> bool:
+        """Whether a replica's error is retried: on_error 'retry', the replica known, another
+        replica to take the state from. (A non-finite loss has its own policy, on_nonfinite.)"""
+        if isinstance(error, (NonFiniteError, PeerError)):
+            return False
+        return self.on_error == "retry" and getattr(error, "rank", None) is not None and workers > 1
 
     def decide(self, failure: Failure) -> Decision:
         if failure.attempt >= self.max_attempts:
             return Decision(False, f"replicas kept failing while recovering ({failure.lost})")
+        previous = failure.previous
+        same_step = previous is not None and previous["step"] == failure.step
+        if failure.raised is not None:
+            if failure.survivors == 0:
+                return Decision(False, f"{failure.raised} (no other replica was left to retry from)")
+            if same_step and previous.get("cause") == "error":  # wherever the split put the failing samples
+                return Decision(False, f"{failure.raised}; step {failure.step} failed again after a retry")
         if failure.survivors == 0:
             return Decision(False, f"every replica was lost ({failure.lost})")
-        previous = failure.previous
-        if previous is not None and previous["step"] == failure.step and previous["replicas"] == failure.replicas:
+        if same_step and previous["replicas"] == failure.replicas:
             return Decision(False, f"{failure.lost} again at step {failure.step}, as before its replacement: "
                                    f"that step itself kills it")
-        return Decision(True)
+        capped = tuple(name for name in failure.hung if failure.hangs_before.get(name, 0) + 1 >= self.max_hangs)
+        return Decision(True, capped=capped)
 
     def after_replacement(self, workers: int) -> Decision:
         """Whether the replicas left (survivors and replacements) are enough to go on."""
         if workers < self.min_workers:
-            return Decision(False, f"{workers} replicas left, fewer than min_workers={self.min_workers}")
+            return Decision(False, f"{workers} replica{'s' * (workers != 1)} left, fewer than "
+                                   f"min_workers={self.min_workers}")
         return Decision(True)

@@ -21,7 +21,7 @@ from ..errors import ReplicaLost
 from ..replica.replies import Liveness, RunReport, Score
 from ..wire.shared_memory import SHM_DIR
 from .errors import ReplicaTimeout, gather
-from .health import Hangs, take_errors
+from .health import Hangs, end_replica, take_errors
 from .launch import Launcher, built
 from .records import Member, Replacement
 from .roster import Roster
@@ -195,9 +195,14 @@ class ReplicaGroup:
         self.get([m.actor.restore.remote(shared) for m in self.members])
         self.rewire()
 
-    def replace(self, lost: Sequence[int]) -> Replacement:
-        """Replace the lost ranks (Roster.replace): the group then holds survivors and replacements."""
-        return self.roster.replace(lost)
+    def end(self, ranks: Sequence[int]) -> None:
+        """End live replicas `ranks` (one that raised, to be replaced); their peers stop waiting for them."""
+        for position in [p for p, member in enumerate(self.members) if member.rank in ranks]:
+            end_replica(self.members, position)
+
+    def replace(self, lost: Sequence[int], drop: Sequence[int] = ()) -> Replacement:
+        """Replace the lost ranks but `drop` (Roster.replace): the group holds survivors and replacements."""
+        return self.roster.replace(lost, drop)
 
     def joining(self) -> bool:
         """Elastic runs: whether a replica waits to join (polled between calls; never blocks)."""

@@ -101,14 +101,20 @@ def end_hung(members: Sequence[Member], position: int) -> Optional[str]:
     """End the hung replica at `position`: through Ray, and by its pid where it runs on this node
     (ray.kill cannot end a stopped process); its peers stop waiting for it. Returns its Python
     stacks, taken first: evidence of where it hung."""
+    stack = python_stack(members[position].info)
+    end_replica(members, position)
+    return stack
+
+
+def end_replica(members: Sequence[Member], position: int) -> None:
+    """End the replica at `position` (through Ray, and by its pid where it runs on this node:
+    ray.kill cannot end a stopped process); its peers stop waiting for it."""
     member = members[position]
-    stack = python_stack(member.info)
     ray.kill(member.actor, no_restart=True)
     kill_if_here(member.info)
     for other, m in enumerate(members):
         if other != position:
             m.actor.abandon.remote(position)
-    return stack
 
 
 def kill_if_here(info: Optional[ReplicaInfo]) -> None:

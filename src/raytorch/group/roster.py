@@ -47,14 +47,15 @@ class Roster:
         for index in range(self.workers, self.workers + self.config.spares):
             self.spares.add((self.placement, first + index), self.generation)
 
-    def replace(self, lost: Sequence[int]) -> Replacement:
-        """Put a ready spare in the place of each lost rank, or else start a replacement in its
-        bundle (Ray re-places a bundle whose node died, where it finds room) and give it
-        replace_timeout; a spare's freed bundle gets a new spare, started in the background.
+    def replace(self, lost: Sequence[int], drop: Sequence[int] = ()) -> Replacement:
+        """Put a ready spare in the place of each lost rank but those in `drop`, or else start a
+        replacement in its bundle (Ray re-places a bundle whose node died, where it finds room) and
+        give it replace_timeout; a spare's freed bundle gets a new spare, started in the background.
         The group then holds the survivors and the replacements, by rank."""
         self.generation += 1
         members = {m.rank: m for m in self.members if m.rank not in lost}
-        taken, spares_used, left = self.spares.stand_in([m for m in self.members if m.rank in lost], self.generation)
+        wanted = [m for m in self.members if m.rank in lost and m.rank not in drop]
+        taken, spares_used, left = self.spares.stand_in(wanted, self.generation)
         started = {m.rank: (self.launcher.create(m.rank, m.bundle, f"{replica_name(m.rank)}.{self.generation}"),
                             m.bundle) for m in left}
         ready, dropped = await_started(started, self.config.replace_timeout)
@@ -63,7 +64,7 @@ class Roster:
         members.update(taken)
         members.update(ready)
         self.members = [members[rank] for rank in sorted(members)]
-        return Replacement(sorted([*taken, *ready]), dropped, spares_used)
+        return Replacement(sorted([*taken, *ready]), sorted([*dropped, *drop]), spares_used)
 
     def joining(self) -> bool:
         """Elastic runs: whether a replica is built and waits to join (polled between calls; never

@@ -7,6 +7,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..config.schema import TrainConfig
+
 
 def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
     """True for a 1 -> 1 linear model: one weight and one bias of one element each."""
@@ -31,6 +33,24 @@ def epoch_line(epoch: int, loss: float, wb: Optional[tuple[float, float]] = None
         right = f", accuracy={accuracy:.1%}" if accuracy is not None else ""
         return f"{line} (eval loss={eval_loss:.6f}{right})"
     return line
+
+
+def dropped_lines(record: dict, config: TrainConfig, workers: int) -> list[str]:
+    """Why a loss's replicas were not replaced (a replica_lost record): no room within
+    replace_timeout, or timed out too often; the run goes on with `workers`."""
+    capped = record.get("capped", [])
+    no_room = [name for name in record["dropped"] if name not in capped]
+    going_on = f"going on with {workers} replica{'s' * (workers != 1)} (same result)"
+    return ([f"{', '.join(capped)} timed out again (step_timeout {config.step_timeout:g} s): not replaced "
+             f"again; {going_on}"] if capped else []) + (
+        [f"no room for a replacement of {', '.join(no_room)} within replace_timeout {config.replace_timeout:g} s: "
+         f"{going_on}"] if no_room else [])
+
+
+def mixed_devices_line(split: str) -> str:
+    return ("mixed devices: each device rounds its own way (other kernels, cuDNN's TF32), so this run matches one "
+            "process to float tolerance, not bit for bit"
+            + ("" if split == "adaptive" else "; --split adaptive would give each replica the share it can carry"))
 
 
 def compile_line() -> str:

@@ -25,7 +25,15 @@ from ..core.naming import replica_name
 from ..core.position import Position
 from .callbacks import Callback, Callbacks
 from .console import Console, Progress, warn
-from .lines import final_line, restarts_line, scalar_linear_values, summary_line, uneven_line
+from .lines import (
+    dropped_lines,
+    final_line,
+    mixed_devices_line,
+    restarts_line,
+    scalar_linear_values,
+    summary_line,
+    uneven_line,
+)
 from .metrics import RunMetrics
 from .rundir import RunDir
 
@@ -83,6 +91,9 @@ class RunOutput:
         self.callbacks.call("on_record", record)
 
     def close(self) -> None:
+        if self.pending_loss is not None:  # the run stopped before the step redone after a loss was done
+            self.record(dict(self.pending_loss))
+            self.pending_loss = None
         self.progress.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -112,10 +123,7 @@ class RunOutput:
         if replicas and wire_reason:
             self.say(f"gradients via {replicas[0]['wire']}: {wire_reason}")
         if config.mixed_devices:
-            self.say("mixed devices: each device rounds its own way (other kernels, cuDNN's TF32), so this run "
-                     "matches one process to float tolerance, not bit for bit"
-                     + ("" if config.split == "adaptive" else "; --split adaptive would give each replica the share "
-                        "it can carry"))
+            self.say(mixed_devices_line(config.split))
         self.callbacks.call("on_start", {"run_name": self.run_name, "config": config.to_dict(),
                                          "run_dir": str(self.run_dir.path) if self.run_dir else None,
                                          "replicas": [dict(info) for info in replicas]})
@@ -182,9 +190,8 @@ class RunOutput:
     def replaced(self, record: dict, workers: int) -> None:
         """Recovery has put every replica at the step to redo; the record goes out once it is done."""
         self.pending_loss = record
-        if record["dropped"]:
-            self.say(f"no room for a replacement of {', '.join(record['dropped'])} within replace_timeout "
-                     f"{self.config.replace_timeout:g} s: going on with {workers} replicas (same result)")
+        for line in dropped_lines(record, self.config, workers):
+            self.say(line)
 
     def joined(self, name: str, workers: int, step: int) -> None:
         """An elastic run took in a replica that found room."""
