@@ -86,8 +86,11 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
     assert main(["config", "show", "--config", str(path), "--workers", "2", "--dataset", "digits"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert (shown["epochs"], shown["workers"], shown["dataset"], shown["lr"]) == (3, 2, "digits", 0.01)  # its recipe
-    assert TrainConfig.from_dict(shown) == TrainConfig(epochs=3, workers=2, dataset="digits", batch_size=64, lr=0.01,
-                                                       lr_schedule="constant", optimizer="adam")
+    assert shown["model"] == "mlp"  # the model train picks for digits
+    assert TrainConfig.from_dict(shown) == TrainConfig(epochs=3, workers=2, dataset="digits", model="mlp",
+                                                       batch_size=64, lr=0.01, lr_schedule="constant", optimizer="adam")
+    trained = parse_config(["--config", str(path), "--workers", "2", "--dataset", "digits"])  # what train runs
+    assert TrainConfig.from_dict(shown) == trained
 
 
 @pytest.mark.system

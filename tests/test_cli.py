@@ -97,6 +97,21 @@ def test_what_the_machine_lacks_gets_one_line_before_any_work(capsys, monkeypatc
     assert not list(tmp_path.iterdir())  # nothing written: checked before the run started
 
 
+@pytest.mark.parametrize("args", [
+    ["--model", "nosuch:thing"],  # your model cannot be imported
+    ["--dataset", "user_code:data"],  # your dataset, and no model of yours
+    ["--callback", "nosuch:Recorder"],  # a callback that cannot be made
+    ["--detach"],  # without --submit
+])
+def test_config_show_fails_as_train_fails_before_ray_starts(capsys, args):
+    assert main(["train", *args]) == 2
+    refused = capsys.readouterr().err
+    assert refused.startswith("raytorch: error: ") and refused.count("\n") == 1, refused
+    assert main(["config", "show", *args]) == 2
+    shown = capsys.readouterr()
+    assert (shown.out, shown.err) == ("", refused)
+
+
 def test_bad_config_file(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2

@@ -129,12 +129,13 @@ def test_optimizer_and_schedule_take_import_paths():
 
 def test_the_built_in_names_are_the_built_ins():
     """config checks model and dataset against names alone (it imports no torch): the names must be
-    those of tasks/builtin.py's models and datasets, and every recipe a built-in dataset's."""
+    those of tasks/builtin.py's models and datasets, and every recipe a built-in dataset's, naming its model."""
     from raytorch.tasks.builtin import DATASETS, MODELS
 
     assert set(BUILT_IN_MODELS) == set(MODELS) and len(BUILT_IN_MODELS) == len(MODELS)
     assert set(BUILT_IN_DATASETS) == set(DATASETS) and len(BUILT_IN_DATASETS) == len(DATASETS)
     assert set(RECIPES) <= set(DATASETS)
+    assert all(recipe["model"] == DATASETS[name].model for name, recipe in RECIPES.items())
 
 
 def test_what_the_config_asks_of_the_machine_is_checked_at_preflight(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 import typing
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import yaml
 
@@ -17,6 +17,9 @@ from .config import TrainConfig, elastic_range, field_choices, field_docs, read_
 from .driver.preflight import preflight
 from .driver.signals import EXIT_CODES
 from .errors import ConfigError, Interrupted, RaytorchError
+
+if TYPE_CHECKING:
+    from .driver.trainer import Trainer
 
 
 def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
@@ -55,10 +58,12 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     """The run's config, checked against this machine too (preflight: tensorboard, a URL's fsspec
-    backend), and the options that are not part of it (quiet, resume)."""
+    backend), and the options that are not part of it (quiet, resume, submit, detach)."""
     args = vars(build_parser().parse_args(argv))
     options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None),
                "submit": args.pop("submit", False), "detach": args.pop("detach", False)}
+    if options["detach"] and not options["submit"]:
+        raise ConfigError("detach", "only with --submit")
     path = args.pop("config", None)
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
@@ -78,23 +83,28 @@ def failed(error: RaytorchError) -> int:
     return 2 if isinstance(error, ConfigError) else 1
 
 
+def prepared(config: TrainConfig, options: dict) -> Trainer:
+    """The Trainer `raytorch train` runs, made without starting Ray: your model, data and loss
+    imported (the model built once), your step, optimizer, schedule, collate and callbacks loaded,
+    so a bad path fails here, naming its field."""
+    from .tasks.resolve import training
+
+    what = training(config)
+    from .driver.trainer import Trainer  # imports Ray: after the config, so bad flags fail fast
+
+    return Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
+                   eval_dataset_fn=what.eval_dataset_fn, quiet=options["quiet"],
+                   resume_from=options["resume_from"])  # step, optimizer by path: from config
+
+
 def train(argv: Sequence[str]) -> int:
     try:
         config, options = parse_args(argv)
-        submitting, detach = options.pop("submit"), options.pop("detach")
-        if detach and not submitting:
-            raise ConfigError("detach", "only with --submit")
-        if submitting:  # checked here, run there
+        if options["submit"]:  # checked here, run there
             from .submit import submit
 
-            return submit(argv, config.address, detach, f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}")
-        from .tasks.resolve import training
-
-        what = training(config)  # your model, data and loss imported here: a bad path fails before Ray starts
-        from .driver.trainer import Trainer  # imports Ray: after the config, so bad flags fail fast
-
-        Trainer(config, model_fn=what.model_fn, loss_fn=what.loss_fn, dataset_fn=what.dataset_fn,
-                eval_dataset_fn=what.eval_dataset_fn, **options).fit()  # step, optimizer by path: from config
+            return submit(argv, config.address, options["detach"], f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}")
+        prepared(config, options).fit()
     except RaytorchError as e:  # ConfigError too
         return failed(e)
     except Interrupted as stopped:  # a first SIGINT or SIGTERM: stopped between steps
@@ -114,12 +124,13 @@ def train(argv: Sequence[str]) -> int:
 
 
 def show_config(argv: Sequence[str]) -> int:
-    """`raytorch config show [flags]`: the resolved config (file, then flags, then defaults) as YAML."""
+    """`raytorch config show [flags]`: the resolved config (defaults, recipe, file, flags) as YAML,
+    after the checks `raytorch train` makes before Ray starts, failing as it fails."""
     try:
-        config, _ = parse_args(argv)
-    except ConfigError as e:
-        print(f"raytorch: error: {e}", file=sys.stderr)
-        return 2
+        config, options = parse_args(argv)
+        prepared(config, options)
+    except RaytorchError as e:  # ConfigError too
+        return failed(e)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0
 

@@ -19,21 +19,26 @@ user's own pkg.module:Class is)."""
 
 # What the CLI uses for each built-in dataset where neither flags nor the config file say
 # (with_recipe). linear: the seed job's fast recipe; digits: 98% eval accuracy in plain
-# PyTorch (mlp, Adam 1e-2, batch 64, 20 epochs).
+# PyTorch (mlp, Adam 1e-2, batch 64, 20 epochs). The model is the one tasks.builtin.DATASETS
+# gives the dataset (tests/test_config.py keeps them equal): in the config, so that `config show`
+# and the run directory's config.yaml name it.
 RECIPES: dict[str, dict] = {
-    "linear": {"optimizer": "adam", "lr": 0.5, "lr_schedule": "cosine", "batch_size": 100, "epochs": 10},
-    "digits": {"optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64, "epochs": 20},
-    "classification": {"optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64, "epochs": 10},
+    "linear": {"model": "linear", "optimizer": "adam", "lr": 0.5, "lr_schedule": "cosine", "batch_size": 100,
+               "epochs": 10},
+    "digits": {"model": "mlp", "optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64,
+               "epochs": 20},
+    "classification": {"model": "mlp", "optimizer": "adam", "lr": 1e-2, "lr_schedule": "constant", "batch_size": 64,
+                       "epochs": 10},
 }
 
 # A recipe's fields that go together: an lr and schedule tuned for one optimizer do not fit another,
 # so where the flags or the file set any of a group, the recipe sets none of it.
-RECIPE_GROUPS = (("optimizer", "lr", "lr_schedule", "warmup_steps"), ("batch_size",), ("epochs",))
+RECIPE_GROUPS = (("model",), ("optimizer", "lr", "lr_schedule", "warmup_steps"), ("batch_size",), ("epochs",))
 
 
 def with_recipe(values: dict) -> dict:
-    """`values` with what a built-in dataset's recipe sets (optimizer with lr and schedule, batch
-    size, epochs), group by group, where neither the file nor the flags set any of the group."""
+    """`values` with what a built-in dataset's recipe sets (model, optimizer with lr and schedule,
+    batch size, epochs), group by group, where neither the file nor the flags set any of the group."""
     recipe = RECIPES.get(values.get("dataset", "linear"), {})
     filled = dict(values)
     for group in RECIPE_GROUPS:
