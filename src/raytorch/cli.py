@@ -17,6 +17,7 @@ from .config import TrainConfig, elastic_range, field_choices, field_docs, read_
 from .driver.preflight import preflight
 from .driver.signals import EXIT_CODES
 from .errors import ConfigError, Interrupted, RaytorchError
+from .output.lines import defaults_line
 
 if TYPE_CHECKING:
     from .driver.trainer import Trainer
@@ -58,7 +59,8 @@ def build_parser(prog: str = "raytorch train") -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     """The run's config, checked against this machine too (preflight: tensorboard, a URL's fsspec
-    backend), and the options that are not part of it (quiet, resume, submit, detach)."""
+    backend), and the options that are not part of it (quiet, resume, submit, detach; given: the
+    fields the file or the flags set)."""
     args = vars(build_parser().parse_args(argv))
     options = {"quiet": args.pop("quiet", False), "resume_from": args.pop("resume", None),
                "submit": args.pop("submit", False), "detach": args.pop("detach", False)}
@@ -68,6 +70,7 @@ def parse_args(argv: Sequence[str]) -> tuple[TrainConfig, dict]:
     if options["resume_from"] and "output_dir" not in args:
         args["output_dir"] = options["resume_from"]  # a resumed run goes on writing where it was
     values = elastic_range({**(read_yaml(path) if path else {}), **args})
+    options["given"] = frozenset(values)
     config = TrainConfig.from_dict(with_recipe(values), source=f"config {path}" if path else "flags")
     preflight(config)  # here too, not only in Trainer.fit: --submit and config show check before they go on
     return config, options
@@ -104,7 +107,11 @@ def train(argv: Sequence[str]) -> int:
             from .submit import submit
 
             return submit(argv, config.address, options["detach"], f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}")
-        prepared(config, options).fit()
+        trainer = prepared(config, options)
+        defaults = defaults_line(config, options["given"])
+        if defaults and not options["quiet"]:
+            print(defaults, flush=True)
+        trainer.fit()
     except RaytorchError as e:  # ConfigError too
         return failed(e)
     except Interrupted as stopped:  # a first SIGINT or SIGTERM: stopped between steps

@@ -1,12 +1,14 @@
 """The console's lines: an epoch's (the seed note's), the final loss, the run's summary, why a
-split is uneven, the restarts; and the seed's linear model read as its w and b."""
+split is uneven, the restarts, the defaults your own model trains with; and the seed's linear
+model read as its w and b."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 import torch
 
+from ..config.imports import is_import_path
 from ..config.schema import TrainConfig
 
 
@@ -33,6 +35,22 @@ def epoch_line(epoch: int, loss: float, wb: Optional[tuple[float, float]] = None
         right = f", accuracy={accuracy:.1%}" if accuracy is not None else ""
         return f"{line} (eval loss={eval_loss:.6f}{right})"
     return line
+
+
+def defaults_line(config: TrainConfig, given: Collection[str]) -> Optional[str]:
+    """'lr 0.5, epochs 10, batch_size 100 are raytorch's defaults (set --lr, --epochs, --batch-size)':
+    for your own model (--model pkg.module:fn), the figures it trains with that neither the flags
+    nor the file (`given`: the fields they set) chose; None for a built-in model, or where they chose
+    all. lr is left out where your own optimizer sets it."""
+    if config.model is None or not is_import_path(config.model):
+        return None
+    names = [name for name in ("lr", "epochs", "batch_size") if name not in given
+             and not (name == "lr" and is_import_path(config.optimizer))]
+    if not names:
+        return None
+    values = ", ".join(f"{name} {getattr(config, name):g}" for name in names)
+    flags = ", ".join("--" + name.replace("_", "-") for name in names)
+    return f"{values} {'are' if len(names) > 1 else 'is'} raytorch's default{'s' * (len(names) > 1)} (set {flags})"
 
 
 def dropped_lines(record: dict, config: TrainConfig, workers: int) -> list[str]:
