@@ -15,6 +15,7 @@ from torch.nn.functional import mse_loss
 
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.cli import main
+from raytorch.compat import rayprivate
 from raytorch.tasks.builtin import linear, linear_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,7 @@ def test_quiet_prints_nothing_and_still_trains(tmp_path):
     proc = run_script("--quiet", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+    assert rayprivate.TOKEN_AUTH_ENABLED not in proc.stderr  # Ray's warning as the local Ray starts
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [0]
 

@@ -1,6 +1,7 @@
 """Ray's private APIs and message texts that raytorch reads (src/raytorch/compat/rayprivate.py),
 checked against the installed Ray: an upgrade that moves one fails here, by name, not mid-run."""
 
+import logging
 import os
 import signal
 
@@ -25,6 +26,26 @@ def test_missing_module_is_pythons_text():
         import raytorch_no_such_module  # noqa: F401
     except ImportError as e:
         assert rayprivate.missing_module(f"{type(e).__name__}: {e}")
+
+
+def test_the_token_authentication_warning_is_rays_and_left_out_alone():
+    from ray._private.authentication import authentication_token_setup as setup
+
+    assert setup.logger.name == rayprivate.TOKEN_AUTH_LOGGER
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    setup.logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()  # what ray.init logs as it starts a new local Ray
+        assert len(seen) == 1 and seen[0].startswith(rayprivate.TOKEN_AUTH_ENABLED), seen
+        with rayprivate.token_auth_warning_left_out():
+            setup._warn_token_auth_enabled()
+            setup.logger.warning("another warning")
+        setup._warn_token_auth_enabled()  # after: logged again
+    finally:
+        setup.logger.removeHandler(handler)
+    assert seen[1:] == ["another warning", seen[0]]
 
 
 def test_the_session_the_dashboard_and_the_cluster_address(ray_local):

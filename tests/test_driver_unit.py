@@ -56,7 +56,7 @@ class InProcess:
 
     @staticmethod
     @contextmanager
-    def ray_session(address=None, metadata=None):
+    def ray_session(address=None, metadata=None, quiet=False):
         yield Session("in-process", None, started_here=False, resources={"CPU": 2.0}, is_driver=False)
 
     def fit(self, case=MLP, callbacks=(), **settings):

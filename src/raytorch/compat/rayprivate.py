@@ -4,8 +4,10 @@ pyproject.toml pins). Each name here is checked by tests/test_compat.py against 
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 
@@ -101,6 +103,28 @@ def process_died(error: Exception) -> Optional[str]:
         return None
     exit_type = _EXIT_TYPE.search(text)
     return exit_type.group(1) if exit_type else ""
+
+
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's module that sets up token authentication for a new local Ray."""
+
+TOKEN_AUTH_ENABLED = "Token authentication is enabled for this Ray cluster"
+"""How its warning that a new local Ray enables token authentication begins."""
+
+
+@contextmanager
+def token_auth_warning_left_out() -> Iterator[None]:
+    """Within: Ray's warning that the local Ray it starts enables token authentication is not
+    logged (its other records are)."""
+    def other(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_AUTH_ENABLED)
+
+    logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    logger.addFilter(other)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other)
 
 
 def missing_module(reason: str) -> bool:

@@ -124,7 +124,7 @@ class Trainer:
         run_name = f"raytorch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         metadata = {"job_name": run_name, "raytorch_config": json.dumps(config.to_dict())}
         # the signal handlers after Ray's start: ray.init installs its own for SIGTERM
-        with ray_session(config.address, metadata) as session, StopRequest() as stop:
+        with ray_session(config.address, metadata, quiet=self.quiet) as session, StopRequest() as stop:
             try:
                 output.started(run_name, session.gcs_address, session.dashboard_url)
                 config = resolve_device(config, session.resources)

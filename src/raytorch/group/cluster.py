@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -76,10 +76,12 @@ def is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]] = None) -> Iterator[Session]:
+def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]] = None,
+                quiet: bool = False) -> Iterator[Session]:
     """Use the Ray this process already holds, join `address`, or start a local Ray on 127.0.0.1.
 
-    `metadata` labels the job Ray shows (its "job_name" is the Jobs page's Name column).
+    `metadata` labels the job Ray shows (its "job_name" is the Jobs page's Name column); `quiet`
+    leaves out the warning a new local Ray logs that it enables token authentication.
     Ray started or joined here is shut down (or disconnected) on exit.
     """
     metadata = metadata or {"job_name": "raytorch"}
@@ -90,7 +92,7 @@ def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]
     if target is None:
         keep_on_loopback()
         # "local": a new instance even where `ray start` left a cluster running on this machine.
-        _init(metadata, address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        _init(metadata, quiet, address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         session = _describe(started_here=True)
         if not session.gcs_address.startswith("127.0.0.1:"):
             ray.shutdown()
@@ -106,7 +108,7 @@ def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]
                                f"Ray") from e
         if is_loopback(host):
             keep_on_loopback()
-        _init(metadata, address=target)
+        _init(metadata, quiet, address=target)
         session = _describe(started_here=False)
     # a local Ray's agents would outlive a driver killed with SIGKILL: its watchdog ends them
     guard = watchdog.start(os.getpid()) if target is None else None
@@ -119,10 +121,11 @@ def ray_session(address: Optional[str] = None, metadata: Optional[dict[str, str]
         ray.shutdown()
 
 
-def _init(metadata: dict[str, str], **kwargs) -> None:
+def _init(metadata: dict[str, str], quiet: bool, **kwargs) -> None:
     try:
-        ray.init(logging_level=logging.WARNING,
-                 job_config=ray.job_config.JobConfig(metadata=metadata), **kwargs)
+        with rayprivate.token_auth_warning_left_out() if quiet else nullcontext():
+            ray.init(logging_level=logging.WARNING,
+                     job_config=ray.job_config.JobConfig(metadata=metadata), **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"Ray did not start or connect: {e}") from e
 
