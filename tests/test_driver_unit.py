@@ -2,6 +2,7 @@
 (fakegroup.py): the loop, the pipeline and every recovery branch, without Ray, each run checked
 against plain single-process PyTorch (reference.py)."""
 
+import json
 import re
 import shutil
 from contextlib import contextmanager
@@ -346,6 +347,21 @@ def test_fewer_than_min_workers_stop_with_a_checkpoint_to_resume_from(runs, tmp_
                          eval_dataset_fn=EVAL, quiet=True, resume_from=str(run)).fit()
         assert result.resumed_from == 7
         assert_trained_as_one_process(result)
+
+
+def test_a_run_stopped_below_min_workers_tells_its_callbacks_and_metrics_jsonl_the_loss(runs, tmp_path):
+    def setup(group):
+        group.lose(1, at_step=7)
+        group.no_room.add(1)
+
+    runs.setup = setup
+    records, run = Records(), tmp_path / "run"
+    with pytest.raises(ReplicaError, match="fewer than min_workers=2"):
+        runs.fit(callbacks=[records], workers=2, min_workers=2, output_dir=str(run))
+    (lost,) = records.of("replica_lost")
+    assert (lost["replicas"], lost["step"], lost["dropped"], lost["workers"]) == (["replica-1"], 7, ["replica-1"], 1)
+    written = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["replicas"], r["step"]) for r in written if r["event"] == "replica_lost"] == [(["replica-1"], 7)]
 
 
 def test_replicas_lost_while_starting_or_restoring_are_replaced_before_any_step(runs, tmp_path):
