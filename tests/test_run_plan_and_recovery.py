@@ -113,6 +113,17 @@ def test_resume_refuses_other_run_defining_fields(tmp_path):
     RunCheckpoints(tmp_path, TrainConfig(workers=3, lr=0.1), say=print).resume(tmp_path)  # workers may differ
 
 
+def test_a_checkpoint_from_before_recipes_named_the_model_resumes_with_the_datasets_model(tmp_path):
+    """A CLI run of a built-in dataset without --model recorded model None; the CLI now fills in
+    the dataset's model from its recipe (digits: mlp): the same model, so the resume goes on."""
+    snapshot = Snapshot(model={}, optimizer={}, schedule={}, rng=torch.get_rng_state(), scaler=None, steps=1)
+    RunCheckpoints(tmp_path, TrainConfig(workers=1, dataset="digits"), say=print).save(snapshot, Position(), 0)
+    RunCheckpoints(tmp_path, TrainConfig(workers=1, dataset="digits", model="mlp"), say=print).resume(tmp_path)
+    RunCheckpoints(tmp_path, TrainConfig(workers=1, dataset="digits"), say=print).resume(tmp_path)  # the API's
+    with pytest.raises(CheckpointError, match=r"was trained with model='mlp', this run asks for 'linear'"):
+        RunCheckpoints(tmp_path, TrainConfig(workers=1, dataset="digits", model="linear"), say=print).resume(tmp_path)
+
+
 def test_the_frame_a_hung_replica_is_stuck_in_is_read_from_its_py_spy_dump():
     from raytorch.core.naming import stuck_in
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config.recipes import RECIPES
 from ..config.schema import RUN_DEFINING, TrainConfig
 from ..core.position import Position
 from ..core.snapshot import Snapshot
@@ -146,6 +147,8 @@ class RunCheckpoints:
         for line in skipped:
             self.say(f"skipping a checkpoint: {line}")
         theirs = saved["config"]
+        if theirs.get("model") is None and theirs.get("dataset") in RECIPES:  # written before recipes named it
+            theirs = {**theirs, "model": RECIPES[theirs["dataset"]]["model"] if self.config.model else None}
         for name in RUN_DEFINING:
             if theirs.get(name) != getattr(self.config, name):
                 raise CheckpointError(f"{run_dir} was trained with {name}={theirs.get(name)!r}, this run "
