@@ -47,17 +47,13 @@ def test_your_dataset_needs_your_model_and_a_loss():
         training(TrainConfig(dataset="user_code:train_only", model="user_code:model"))
 
 
-@pytest.mark.system
-def test_cli_trains_your_model_on_your_data_like_plain_pytorch(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
+def test_cli_trains_your_model_on_your_data_like_plain_pytorch(ray_local, tmp_path, capsys):
+    # `raytorch train` in this process, on the session's Ray (the entry point in a fresh process with
+    # a Ray of its own: test_cli's default job); replicas import user_code from tests/ as any module
     job = dict(epochs=2, batch_size=16, lr=1e-4, optimizer="sgd", seed=5)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--model", "user_code:model",
-                           "--dataset", "user_code:data", "--loss", "user_code:half_mse", "--output-dir", str(tmp_path),
-                           *(f"--{k.replace('_', '-')}={v}" for k, v in job.items())],
-                          env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
-    assert "Final loss is: " in done.stdout  # the eval set came with the data
+    assert main(["train", "--model", "user_code:model", "--dataset", "user_code:data", "--loss", "user_code:half_mse",
+                 "--output-dir", str(tmp_path), *(f"--{k.replace('_', '-')}={v}" for k, v in job.items())]) == 0
+    assert "Final loss is: " in capsys.readouterr().out  # the eval set came with the data
     trained = torch.nn.Linear(1, 1)
     trained.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     from user_code import data, half_mse, model

@@ -226,6 +226,14 @@ def test_a_replica_lost_mid_epoch_is_replaced_and_its_step_redone(runs, workers)
     assert group.replaced == [[1]] and group.rewired == 2
 
 
+def test_a_replica_lost_in_the_first_step_is_replaced_and_the_step_redone(runs):
+    runs.setup = lambda group: group.lose(0, at_step=0, during="run")  # its first run call, not its start
+    result = runs.fit(workers=2)
+    assert_trained_as_one_process(result)
+    (restart,) = result.restarts
+    assert restart["step"] == 0 and restart["replicas"] == ["replica-0"] and restart["replaced"] == ["replica-0"]
+
+
 def test_a_replica_lost_while_it_sits_a_step_out_costs_no_step(runs):
     """Step 4 (2 samples) has no part for replica-2: the survivors apply it without replica-2's
     gradient, so they stand a step past the losses the driver gathered; those come with the snapshot."""

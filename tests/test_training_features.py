@@ -1,8 +1,9 @@
 """Training features against plain single-process PyTorch (tests/reference.py), on W = 2 and 3
-replicas: each keeps the contract (the result does not depend on W). W = 3 on real replicas (Ray):
-past two replicas on one node the update is sharded (wire/sharded.py), grad_clip keeps it whole;
-W = 2 on in-process ones (tests/fakegroup.py, as test_driver_unit runs them): the whole update, by
-the same Replica code, with no process to start (test_contract runs W = 2 on every real wire)."""
+replicas: each keeps the contract (the result does not depend on W). W = 2 on in-process replicas
+(tests/fakegroup.py, as test_driver_unit runs them), each feature alone: the whole update, by the
+same Replica code, with no process to start (test_contract runs W = 2 on every real wire). W = 3 on
+real replicas (Ray), where past two replicas on one node the update is sharded (wire/sharded.py):
+the features in three runs that together hold each one (grad_clip keeps the update whole)."""
 
 from functools import partial
 
@@ -27,9 +28,13 @@ FEATURES = pytest.mark.parametrize("features", [
 ], ids=["step", "cosine+warmup", "warmup", "weight_decay", "grad_clip", "max_steps"])
 
 
-@FEATURES
-@pytest.mark.parametrize("workers", [3])  # real replicas; W = 2: the in-process test below
-def test_feature_matches_one_process(ray_local, features, workers):
+@pytest.mark.parametrize("features", [
+    dict(optimizer="sgd", lr_schedule="step", warmup_steps=3, weight_decay=0.01),  # sharded
+    dict(optimizer="adamw", lr_schedule="cosine", warmup_steps=4, weight_decay=0.1, max_steps=11),  # sharded
+    dict(optimizer="sgd", lr_schedule="constant", weight_decay=0.01, grad_clip=0.05),  # whole
+], ids=["sgd+step+warmup+weight_decay", "adamw+cosine+warmup+weight_decay+max_steps", "grad_clip"])
+@pytest.mark.parametrize("workers", [3])  # real replicas; W = 2, each feature alone: the in-process test below
+def test_features_match_one_process(ray_local, features, workers):
     assert_feature_matches_one_process(features, workers)
 
 
