@@ -13,6 +13,7 @@ from raytorch import ConfigError, ReplicaError, TrainConfig, Trainer
 from raytorch.replica.actor import Replica
 from raytorch.tasks.builtin import classification_data, mlp
 from reference import assert_same_parameters, train_reference
+from test_driver_unit import runs as runs  # noqa: F401  (the fixture: Trainer.fit on in-process replicas, no Ray)
 
 PAIRS = partial(classification_data, 150, 4)
 
@@ -209,9 +210,10 @@ def test_loader_workers_fetch_in_the_background_and_train_the_same(ray_local):
     assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
 
 
-def test_the_seed_notes_run_is_retraced(ray_local, capsys):
+def test_the_seed_notes_run_is_retraced(runs, capsys):
     """The note's table (epochs 0-1): w = b = 0, its list walked in order, one sample a step, SGD 1e-4.
-    Its data came from an unseeded random.randrange: the figures agree to what the data changes."""
+    Its data came from an unseeded random.randrange: the figures agree to what the data changes.
+    On an in-process replica (the same Replica code; its 2,000 one-sample steps need no Ray)."""
     from raytorch.cli import parse_config
     from raytorch.tasks.resolve import training
 
