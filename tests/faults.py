@@ -95,6 +95,25 @@ def straggling(model_fn, folder: str, per_sample: float, after: int = 0, base: f
     return model
 
 
+class Paced:
+    """A forward pre-hook for training forwards: `base` seconds per sample of the batch while
+    `<folder>/on` exists. A run paced while a test acts on it, then let go at full speed."""
+
+    def __init__(self, folder: str, base: float):
+        self.on, self.base = Path(folder) / "on", base
+
+    def __call__(self, module, inputs):
+        if module.training and self.on.exists():
+            time.sleep(self.base * len(inputs[0]))
+
+
+def paced(model_fn, folder: str, base: float) -> torch.nn.Module:
+    """model_fn() with a Paced on its forward."""
+    model = model_fn()
+    model.register_forward_pre_hook(Paced(folder, base))
+    return model
+
+
 def in_replica() -> bool:
     """True inside a Ray actor (a replica), false in the driver (which builds the model too)."""
     import ray

@@ -46,7 +46,7 @@ import ray
 import torch.nn.functional as F
 from ray.cluster_utils import Cluster
 
-from faults import Gated, straggling
+from faults import Gated, paced
 from polling import wait_for
 from raytorch import TrainConfig, Trainer
 from raytorch.group.cluster import loopback_cluster
@@ -120,14 +120,16 @@ def train_losing_a_node(cluster: Cluster, replace_timeout: float) -> dict:
     }
 
 
-ELASTIC_JOB = dict(JOB, epochs=16)  # 80 steps, ~0.15 s each (paced): room to grow, then to shrink
+ELASTIC_JOB = dict(JOB, epochs=16)  # 80 steps, ~0.15 s each while paced: room to grow, then to shrink
 
 
 def paced_fit(config: TrainConfig, console: Tee, change):
     """Fit `config` on the paced model (~0.15 s a step) in a thread, with stdout in `console`,
     while change() acts on the cluster in this, the main thread (adding a node registers signal
-    handlers, which only the main thread may)."""
-    model_fn = partial(straggling, MODEL, tempfile.mkdtemp(prefix="pace-"), 0.0, 0, 0.01)
+    handlers, which only the main thread may); once change() is done, the run goes on unpaced."""
+    pace = Path(tempfile.mkdtemp(prefix="pace-"))
+    (pace / "on").touch()
+    model_fn = partial(paced, MODEL, str(pace), 0.01)
     outcome: dict = {}
 
     def fit():
@@ -139,7 +141,10 @@ def paced_fit(config: TrainConfig, console: Tee, change):
     with contextlib.redirect_stdout(console):
         trainer = threading.Thread(target=fit, daemon=True)
         trainer.start()
-        change()
+        try:
+            change()
+        finally:
+            (pace / "on").unlink()
         trainer.join()
     if "error" in outcome:
         raise outcome["error"]
