@@ -90,9 +90,11 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
 
 
 @pytest.mark.system
-def test_the_worked_example_runs_as_documented(tmp_path):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
+def test_the_worked_example_runs_as_documented(ray_local, tmp_path):
+    # on the session's Ray, as on a cluster (RAY_ADDRESS): a driver's own local Ray is test_cli's and
+    # test_reliability's
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "digits_cnn.py"), "--epochs", "3",
                            "--save", str(tmp_path / "cnn.pt")], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr

@@ -1,6 +1,5 @@
 """The driver script end to end, and bad input: one line, non-zero exit, before any work is lost."""
 
-import json
 import os
 import re
 import shutil
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 from torch.nn.functional import mse_loss
 
+from polling import wait_for
 from raytorch import ClusterError, TrainConfig, Trainer
 from raytorch.cli import main
-from raytorch.compat import rayprivate
 from raytorch.tasks.builtin import linear, linear_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,11 +143,11 @@ def test_more_workers_than_the_cluster_holds(ray_local):
     with pytest.raises(ClusterError, match=r"64 replicas of 1 CPU each cannot fit: the cluster has 1 node\(s\) "
                                            r"with 4 CPU and 0 GPU in all \(room for 4\)"):
         Trainer(config, model_fn=linear, dataset_fn=lambda: linear_data(100, 0), loss_fn=mse_loss, quiet=True).fit()
-    # and nothing is left reserved: a normal run still fits
-    result = Trainer(TrainConfig(workers=4, epochs=1, batch_size=8), model_fn=linear,
-                     dataset_fn=lambda: linear_data(16, 0), loss_fn=__import__("torch").nn.functional.mse_loss,
-                     quiet=True).fit()
-    assert result.steps == 2
+    # and nothing is left reserved: the refused run's placement group is gone, every CPU free
+    import ray
+
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == 4, "every CPU free")
 
 
 def test_cuda_on_a_cluster_without_gpus(ray_local):
@@ -179,14 +178,8 @@ def test_with_an_autoscaler_the_driver_waits_bounded_then_says_why(ray_local, mo
     assert "Waiting up to 2 s for room for 64 replicas of 1 CPU each (the autoscaler may add nodes)" in out
 
 
-@pytest.mark.system
-def test_quiet_prints_nothing_and_still_trains(tmp_path):
-    proc = run_script("--quiet", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""
-    assert rayprivate.TOKEN_AUTH_ENABLED not in proc.stderr  # Ray's warning as the local Ray starts
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [0]
+# --quiet in a driver that starts its own local Ray (nothing printed, Ray's token warning left out, it
+# trains): test_reliability's killed driver runs with it.
 
 
 class FakeTerminal(__import__("io").StringIO):

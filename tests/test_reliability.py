@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from faults import Gated, Poisoned, gated
 from polling import wait_for
 from raytorch import CheckpointError, NonFiniteError, ReplicaError, TrainConfig, Trainer
+from raytorch.compat import rayprivate
 from raytorch.persist.checkpoint import listed
 from raytorch.tasks.builtin import classification_data, linear_data, mlp
 from reference import assert_same_parameters, train_reference
@@ -252,36 +253,6 @@ def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
 
 
 @pytest.mark.system
-def test_killed_driver_rerun_with_resume_finishes_the_job(ray_local, tmp_path):
-    """The driver process is SIGKILLed after a checkpoint; the same command with --resume finishes."""
-    run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"),
-               "--address", ray_local.get_runtime_context().gcs_address,
-               "--epochs", "3", "--batch-size", "16", "--lr", "1e-4", "--optimizer", "sgd", "--seed", "3",
-               "--workers", "2", "--output-dir", str(run), "--checkpoint-every", "50"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: listed(run) or driver.poll() is not None, "the driver's first checkpoint")
-        assert driver.poll() is None, "the driver finished before it could be killed"
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait()
-    assert not (run / "model.pt").exists()
-    done = subprocess.run(command + ["--resume", str(run)], env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
-    assert "resumed from" in done.stdout and "Epoch 2:" in done.stdout
-    model = torch.nn.Linear(1, 1)
-    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
-    # the CLI's built-in 'linear' dataset (10,000 samples: 1,875 steps) trained by plain PyTorch
-    from raytorch.tasks.builtin import DATASETS
-
-    task = DATASETS["linear"]
-    expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **JOB)
-    assert_same_parameters(model, expected)
-
-
 @pytest.mark.system
 def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ray_local, tmp_path):
     """What `ray job stop`, Kubernetes and Slurm send: the run stops after the calls in flight, writes a
@@ -324,21 +295,26 @@ def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ra
 
 
 @pytest.mark.system
-def test_a_killed_driver_leaves_nothing_of_the_local_ray_it_started(tmp_path):
-    """SIGKILL of a driver that started its own local Ray: within 10 s none of the processes it
-    started (Ray's agents included) is left."""
+def test_a_killed_driver_leaves_nothing_of_its_local_ray_and_a_rerun_with_resume_finishes_the_job(ray_local,
+                                                                                                   tmp_path):
+    """SIGKILL of a driver that started its own local Ray, after its first checkpoint: within 10 s
+    none of the processes it started (Ray's agents included) is left; the same command with
+    --resume (here on the session's Ray) finishes the job with plain PyTorch's result. The killed
+    driver ran with --quiet: it trained (its checkpoint) and printed nothing, Ray's warning as its
+    local Ray started included."""
     import psutil
 
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "3", "--batch-size", "16", "--lr",
+               "1e-4", "--optimizer", "sgd", "--seed", "3", "--workers", "2", "--output-dir", str(run),
+               "--checkpoint-every", "50"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "500",
-                               "--output-dir", str(tmp_path / "run"), "--log-every", "1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    driver = subprocess.Popen(command + ["--quiet"], env=env, stdout=out, stderr=err)
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        wait_for(lambda: (metrics.exists() and '"step"' in metrics.read_text()) or driver.poll() is not None,
-                 "the run's first steps")
-        assert driver.poll() is None
+        wait_for(lambda: listed(run) or driver.poll() is not None, "the driver's first checkpoint")
+        assert driver.poll() is None, "the driver finished before it could be killed"
         started = psutil.Process(driver.pid).children(recursive=True)
         agents = [p for p in started if "Agent" in " ".join(p.cmdline())]
         assert agents, [p.cmdline()[:1] for p in started]  # Ray's agents, the ones that used to stay
@@ -347,6 +323,21 @@ def test_a_killed_driver_leaves_nothing_of_the_local_ray_it_started(tmp_path):
         driver.wait()
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, [(p.pid, p.cmdline()[:1]) for p in alive]
+    assert not (run / "model.pt").exists()
+    assert (tmp_path / "stdout").read_text() == ""  # --quiet
+    assert rayprivate.TOKEN_AUTH_ENABLED not in (tmp_path / "stderr").read_text()
+    rerun = command + ["--address", ray_local.get_runtime_context().gcs_address, "--resume", str(run)]
+    done = subprocess.run(rerun, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and "Epoch 2:" in done.stdout
+    model = torch.nn.Linear(1, 1)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    # the CLI's built-in 'linear' dataset (10,000 samples: 1,875 steps) trained by plain PyTorch
+    from raytorch.tasks.builtin import DATASETS
+
+    task = DATASETS["linear"]
+    expected, _ = train_reference(partial(torch.nn.Linear, 1, 1), task.train(3), task.loss, **JOB)
+    assert_same_parameters(model, expected)
 
 
 @pytest.mark.parametrize("optimizer", ["adam"])  # state of its own in every chunk: what a loss could lose

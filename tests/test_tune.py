@@ -1,4 +1,4 @@
-"""Ray Tune: four trials on local Ray, ASHA stops some, the best trial's config and checkpoint come
+"""Ray Tune: three trials on local Ray, ASHA stops some, the best trial's config and checkpoint come
 back, and its result is a plain raytorch run's with that config."""
 
 import pytest
@@ -66,15 +66,15 @@ def test_asha_stops_the_worse_trials_and_the_best_is_a_plain_run(ray_local, tmp_
     # grid order: the best learning rate first, so ASHA has it at the first rung when the others arrive
     tuner = tune.Tuner(
         trainable(**functions, driver_cpus=0.5, **base),
-        param_space={"lr": tune.grid_search([0.05, 1e-4, 1e-5, 1e-6])},
+        param_space={"lr": tune.grid_search([0.05, 1e-4, 1e-5])},
         tune_config=tune.TuneConfig(metric="eval_loss", mode="min", max_concurrent_trials=2,
                                     scheduler=ASHAScheduler(grace_period=1, reduction_factor=2, max_t=3)),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="search", verbose=0))
     groups_before = len(ray_local.util.placement_group_table())
     results = tuner.fit()
     assert not results.errors, results.errors
-    # each trial's replicas went into its own placement group: no group made beside the four trials'
-    assert len(ray_local.util.placement_group_table()) - groups_before == 4
+    # each trial's replicas went into its own placement group: no group made beside the three trials'
+    assert len(ray_local.util.placement_group_table()) - groups_before == 3
     epochs = sorted(r.metrics["epoch"] for r in results)
     assert epochs[-1] == 2 and epochs[0] < 2, epochs  # the best ran all 3 epochs; ASHA stopped some early
     best = results.get_best_result()
