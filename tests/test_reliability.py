@@ -21,6 +21,7 @@ from raytorch.compat import rayprivate
 from raytorch.persist.checkpoint import listed
 from raytorch.tasks.builtin import classification_data, linear_data, mlp
 from reference import assert_same_parameters, train_reference
+from test_driver_unit import runs as runs  # noqa: F401  (the fixture: Trainer.fit on in-process replicas, no Ray)
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = dict(epochs=3, batch_size=16, lr=1e-4, optimizer="sgd", seed=3)  # 30 steps per epoch
@@ -194,7 +195,9 @@ def test_nonfinite_step_skipped_on_every_replica(ray_local, reduction):
     assert len(set(result.replica_digests)) == 1
 
 
-def test_resume_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_run(ray_local, tmp_path, capsys):
+def test_resume_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_run(runs, tmp_path, capsys):
+    # on in-process replicas (the same Replica code and checkpoint files; a resume on Ray, onto
+    # another W: the sharded Adam run below)
     run = tmp_path / "run"
     config = TrainConfig(**JOB, workers=2, output_dir=str(run), checkpoint_every=7, keep_checkpoints=100)
     full = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
@@ -239,7 +242,7 @@ def test_a_sharded_adam_run_checkpoints_its_whole_state_and_resumes_on_fewer_rep
         assert result.epoch_losses == pytest.approx(losses, rel=1e-5)
 
 
-def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
+def test_resume_refuses_a_different_run_and_a_foreign_file(runs, tmp_path):  # in process: refused before Ray
     run = tmp_path / "run"
     Trainer(TrainConfig(**{**JOB, "epochs": 1}, output_dir=str(run)), model_fn=partial(torch.nn.Linear, 1, 1),
             dataset_fn=DATA, loss_fn=F.mse_loss, quiet=True).fit()
@@ -252,7 +255,6 @@ def test_resume_refuses_a_different_run_and_a_foreign_file(ray_local, tmp_path):
                 resume_from=str(tmp_path / "elsewhere"), quiet=True).fit()
 
 
-@pytest.mark.system
 @pytest.mark.system
 def test_sigterm_stops_between_steps_with_a_checkpoint_and_the_resume_command(ray_local, tmp_path):
     """What `ray job stop`, Kubernetes and Slurm send: the run stops after the calls in flight, writes a
