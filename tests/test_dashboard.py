@@ -121,8 +121,8 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
 @pytest.mark.system
 def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
     """`ray start --head` on 127.0.0.1, then `raytorch train --submit` (Ray's Job Submission SDK, the
-    repository as working directory): the job succeeds and carries its name, the console follows its
-    log with the epochs, and a job that fails on the cluster gives a failing exit code."""
+    repository as working directory): the job succeeds and carries its name, and the console follows
+    its log with the epochs."""
     temp_dir = tempfile.mkdtemp(prefix="rt-job-", dir="/tmp")  # marks the cluster's processes; short for sockets
     # every port of its own: the session's Ray holds the defaults (dashboard agent, client server)
     ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
@@ -154,11 +154,7 @@ def test_ray_job_submit_to_a_ray_start_head_cluster(ray_local, tmp_path):
         [job] = [j for j in jobs if j.get("submission_id") == job_id]
         assert job["status"] == "SUCCEEDED" and job["metadata"]["job_name"].startswith("raytorch-")
         assert "--submit" not in job["entrypoint"] and "--address" not in job["entrypoint"]
-        # a job that fails there: the exit code says so (8 replicas cannot fit on 2 CPUs)
-        failed = submit("--workers", "8", "--resource-timeout", "1")
-        assert failed.returncode == 1, failed.stdout + failed.stderr
-        assert "8 replicas of 1 CPU each cannot fit" in failed.stdout + failed.stderr
-        assert re.search(r"raytorch: job \S+ failed", failed.stderr), failed.stderr
+        # (a job that fails there, its exit code and line: test_submit.py, from the job's status)
     finally:
         # `ray start --block` stops its cluster on SIGTERM, in ~4 s (sent to its whole process group
         # instead, the signal reaches its children too, and it took 35-60 s to exit)

@@ -234,6 +234,17 @@ def test_a_replica_lost_in_the_first_step_is_replaced_and_the_step_redone(runs):
     assert restart["step"] == 0 and restart["replicas"] == ["replica-0"] and restart["replaced"] == ["replica-0"]
 
 
+def test_a_replica_lost_during_an_evaluation_is_replaced_and_the_evaluation_done_again(runs):
+    runs.setup = lambda group: group.lose(1, at_step=5, during="evaluate")  # epoch 0's evaluation, after step 5
+    result = runs.fit(workers=2)
+    assert_trained_as_one_process(result)
+    (restart,) = result.restarts
+    assert restart["step"] == 5 and restart["replicas"] == ["replica-1"] and result.steps_redone == 0
+    expected, _ = reference()
+    assert result.eval_losses[-1] == pytest.approx(eval_loss(expected), rel=1e-5)
+    assert len(result.eval_losses) == JOB["epochs"]  # each epoch's evaluation once, the interrupted one redone
+
+
 def test_a_replica_lost_while_it_sits_a_step_out_costs_no_step(runs):
     """Step 4 (2 samples) has no part for replica-2: the survivors apply it without replica-2's
     gradient, so they stand a step past the losses the driver gathered; those come with the snapshot."""

@@ -1,8 +1,7 @@
-"""A replica lost at each phase of a run beside the steps themselves: while the group starts, in
-its first step, during an evaluation, during a checkpoint, during a recovery, while a resume
-restores its state. Each time it is replaced and the run ends as plain PyTorch's (the oracle of
-test_reliability). The faults are deterministic: the first replica to reach the phase SIGKILLs
-itself (tests/faults.py)."""
+"""A replica lost at phases of a run beside the steps themselves, on Ray: while the group starts,
+during a recovery, while a resume restores its state. Each time it is replaced and the run ends
+as plain PyTorch's (the oracle of test_reliability). The faults are deterministic: the first
+replica to reach the phase SIGKILLs itself (tests/faults.py)."""
 
 from functools import partial
 
@@ -18,12 +17,13 @@ from test_driver_unit import InProcess
 from test_reliability import DATA, JOB, KILLED_STEP_TIMEOUT_S, assert_matches_reference, inject, sigkill
 
 
-# On Ray: the phases whose loss the group finds apart (settle while starting, an evaluation's
-# call); a loss in the first step or after the last one meets the same call as any step's
-# (test_reliability) and its recovery is test_driver_unit's (in-process replicas, each phase).
-@pytest.mark.parametrize("phase", ["start", "evaluation"])
-def test_a_replica_lost_while_starting_in_its_first_step_evaluating_or_finishing_is_replaced(ray_local, tmp_path,
-                                                                                             capsys, phase):
+# On Ray: a replica lost while the group starts (its settle), while it recovers (a state copied from a
+# replica that dies meanwhile: Ray's errors for an argument whose owner died) and while a resume
+# restores. A loss in the first step, during an evaluation, at a checkpoint or after the last step
+# meets the same call as any step's (test_reliability) and is recovered as test_driver_unit shows
+# (in-process replicas, each phase).
+@pytest.mark.parametrize("phase", ["start"])
+def test_a_replica_lost_while_starting_is_replaced(ray_local, tmp_path, capsys, phase):
     config = TrainConfig(**JOB, workers=2)
     result = Trainer(config, model_fn=partial(PhaseFault, str(tmp_path), phase), dataset_fn=DATA,
                      eval_dataset_fn=DATA, loss_fn=F.mse_loss).fit()
@@ -32,25 +32,9 @@ def test_a_replica_lost_while_starting_in_its_first_step_evaluating_or_finishing
     [restart] = result.restarts
     assert restart["cause"] == "ActorDiedError" and restart["workers"] == 2 and len(restart["replaced"]) == 1
     out = capsys.readouterr().out
-    if phase == "start":
-        assert restart["phase"] == "starting" and restart["step"] is None and result.steps_redone == 0
-        assert "lost while starting (ActorDiedError): replaced replica-" in out
-        assert "while starting, ActorDiedError" in out  # the closing restarts line
-    else:  # evaluation: after epoch 0's 30 steps; finish: after the last
-        assert restart["step"] == {"first_step": 0, "evaluation": 30, "finish": 90}[phase]
-
-
-def test_a_replica_lost_during_a_checkpoint_is_replaced_and_the_checkpoint_written(ray_local, tmp_path):
-    run = tmp_path / "run"
-    config = TrainConfig(**JOB, workers=2, output_dir=str(run))
-    result = Trainer(config, model_fn=partial(torch.nn.Linear, 1, 1), dataset_fn=DATA, loss_fn=F.mse_loss,
-                     optimizer_fn=partial(phase_fault_sgd, str(tmp_path), "checkpoint", JOB["lr"]), quiet=True).fit()
-    assert (tmp_path / "checkpoint.claimed").exists()
-    assert_matches_reference(result)
-    [restart] = result.restarts
-    assert restart["step"] == 30 and restart["replicas"] == ["replica-0"]  # the first replica's state is taken
-    assert result.steps_redone == 0  # lost between epochs: no step was in flight
-    assert sorted(int(p.name[5:14]) for p in listed(run)) == [30, 60, 90]  # none missing
+    assert restart["phase"] == "starting" and restart["step"] is None and result.steps_redone == 0
+    assert "lost while starting (ActorDiedError): replaced replica-" in out
+    assert "while starting, ActorDiedError" in out  # the closing restarts line
 
 
 def test_a_replica_lost_during_a_recovery_is_replaced_too(ray_local, tmp_path):
