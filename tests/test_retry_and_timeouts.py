@@ -9,20 +9,16 @@ import json
 import pytest
 
 from raytorch import ReplicaError
-from raytorch.driver.policy import MAX_HANGS, Failure, RecoveryPolicy
+from raytorch.driver.policy import MAX_HANGS, RecoveryPolicy
 from raytorch.errors import NonFiniteError, PeerError
 from test_driver_unit import Records, assert_trained_as_one_process
 from test_driver_unit import runs as runs  # noqa: F401  (the fixture)
+from test_run_plan_and_recovery import failure  # a Failure of replica-1 at step 40, fields overridden
 
 pytestmark = pytest.mark.unit
 
 
 # -- the policy, pure ------------------------------------------------------------------------------------------
-
-
-def failure(**overrides):
-    values = dict(lost="replica 1 died", replicas=["replica-1"], attempt=0, survivors=1, step=40, previous=None)
-    return Failure(**{**values, **overrides})
 
 
 def test_policy_retries_an_error_of_a_known_replica_with_another_to_copy_from():

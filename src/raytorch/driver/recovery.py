@@ -158,11 +158,10 @@ class Recovery:
                 survivors = [rank for rank in self.group.ranks if rank not in gone]
                 positions = self.group.positions(survivors) if survivors else []
                 step = max(positions, default=None)
-                raised = lost.error if isinstance(lost, Retried) else None
                 decision = self.policy.decide(Failure(
                     str(lost), names, attempt, len(survivors), step, at.restarts[-1] if at.restarts else None,
-                    raised=None if raised is None else str(raised), hung=tuple(n for n in names if n in stacks),
-                    hangs_before=hangs(at.restarts)))
+                    raised=str(lost.error) if isinstance(lost, Retried) else None,
+                    hung=tuple(n for n in names if n in stacks), hangs_before=hangs(at.restarts)))
                 if not decision.recover:
                     raise ReplicaError(f"{decision.reason}; {self.kept()}", rank=lost.rank, step=lost.step) from lost
                 source = survivors[positions.index(step)]

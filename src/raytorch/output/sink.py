@@ -90,10 +90,13 @@ class RunOutput:
         """One event record to every callback (the console's, then metrics.jsonl's first)."""
         self.callbacks.call("on_record", record)
 
-    def close(self) -> None:
-        if self.pending_loss is not None:  # the run stopped before the step redone after a loss was done
+    def _send_pending_loss(self) -> None:
+        if self.pending_loss is not None:
             self.record(dict(self.pending_loss))
             self.pending_loss = None
+
+    def close(self) -> None:
+        self._send_pending_loss()  # the run stopped before the step redone after a loss was done
         self.progress.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -229,9 +232,7 @@ class RunOutput:
                  uneven: Optional[tuple[str, str, float]] = None) -> None:
         """The closing lines: final loss, summary, restarts, the split (adaptive) and why it is far
         from even where it is, a divergence warning."""
-        if self.pending_loss is not None:  # lost after the last step: recovered, with no step to redo
-            self.record(dict(self.pending_loss))
-            self.pending_loss = None
+        self._send_pending_loss()  # lost after the last step: recovered, with no step to redo
         if at.eval_losses:
             self.say(final_line(at.eval_losses[-1]))
         self.say(summary_line(at.epoch_losses[-1], at.eval_losses[-1] if at.eval_losses else None, steps, samples,
