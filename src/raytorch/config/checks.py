@@ -54,6 +54,7 @@ def _check_training(config: TrainConfig) -> None:
     if config.grad_dtype == "bf16" and config.reduction not in ("auto", "collective"):
         raise ConfigError("grad_dtype", f"bf16 gradients travel on the collective wire: set reduction to 'auto' or "
                                         f"'collective', not {config.reduction!r}")
+    _check_shard(config)
     if not config.lr > 0:
         raise ConfigError("lr", f"must be > 0, got {config.lr}")
     for name in ("warmup_steps", "weight_decay"):
@@ -107,6 +108,38 @@ def _check_devices(config: TrainConfig) -> None:
         raise ConfigError("gpus_per_replica", "needs device 'cuda'; set device to cuda or drop it")
     if gpus is not None and kinds != {"cpu"} and (gpus <= 0 or (gpus > 1 and gpus % 1)):
         raise ConfigError("gpus_per_replica", f"must be a fraction in (0, 1] or a whole number, got {gpus}")
+
+
+def _check_shard(config: TrainConfig) -> None:
+    """What sharding can carry (TrainConfig.shard): refused here, in one line naming the fix."""
+    named = config.shard_blocks is None or re.fullmatch(r"[\w.]+:\w+", config.shard_blocks)
+    if config.shard_blocks is not None and (config.shard != "full" or not named):
+        raise ConfigError("shard_blocks", "names the units of shard 'full' as pkg.module:fn: set shard to 'full' and "
+                                          "give pkg.module:fn")
+    if config.shard == "optimizer" and config.reduction not in ("auto", "shared_memory"):
+        raise ConfigError("shard", f"'optimizer' shards the update on the shared-memory wire (one node) for now: "
+                                   f"set reduction to 'auto' or 'shared_memory', not {config.reduction!r}, "
+                                   f"or shard to 'full' (any wire a process group carries)")
+    if config.shard != "full":
+        return
+    refused = {"reduction": config.reduction not in ("auto", "collective") and
+               f"FSDP2 runs on the collective wire's process group: set reduction to 'auto' or 'collective', "
+               f"not {config.reduction!r}",
+               "sync_batchnorm": config.sync_batchnorm and "synchronized BatchNorm is not sharded yet: use "
+               "GroupNorm or LayerNorm, or shard 'none'",
+               "precision": config.precision == "fp16" and "fp16 loss scaling is not sharded yet: use precision "
+               "'bf16' (no loss scaling) or shard 'none'",
+               "grad_dtype": config.grad_dtype != "fp32" and "FSDP2 reduce-scatters the gradient in its own dtype: "
+               "set grad_dtype to 'fp32'",
+               "compile": config.compile and "torch.compile of a sharded model is not tested here yet: drop "
+               "--compile, or shard 'none'",
+               "spares": config.spares and "a spare cannot take a lost shard's place: each replica holds the only "
+               "copy of its shard; set spares to 0",
+               "max_workers": config.max_workers is not None and "growing reshards the state, not built yet: drop "
+               "max_workers"}
+    for field, why in refused.items():
+        if why:
+            raise ConfigError(field, f"with shard 'full': {why}")
 
 
 def _check_outputs_and_recovery(config: TrainConfig) -> None:

@@ -47,10 +47,11 @@ def load(path: str, field: str) -> Any:
 
 
 def imported_fns(config: TrainConfig) -> dict[str, Optional[Callable]]:
-    """step_fn, optimizer_fn, schedule_fn and collate_fn that config names by import path (None where
+    """step_fn, optimizer_fn, schedule_fn, collate_fn and shard_blocks_fn that config names by import path (None where
     it does not)."""
     def named(value: Optional[str], field: str) -> Optional[Callable]:
         return load(value, field) if value is not None and is_import_path(value) else None
 
     return {"step_fn": named(config.step, "step"), "optimizer_fn": named(config.optimizer, "optimizer"),
-            "schedule_fn": named(config.lr_schedule, "lr_schedule"), "collate_fn": named(config.collate, "collate")}
+            "schedule_fn": named(config.lr_schedule, "lr_schedule"), "collate_fn": named(config.collate, "collate"),
+            "shard_blocks_fn": named(config.shard_blocks, "shard_blocks")}

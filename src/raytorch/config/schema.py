@@ -28,6 +28,7 @@ ErrorAction = Literal["retry", "stop"]
 EvalMetric = Literal["eval_loss", "eval_accuracy"]
 SplitName = Literal["even", "adaptive"]
 InitName = Literal["default", "zeros"]
+ShardName = Literal["none", "optimizer", "full"]
 
 
 def run_defining(default: Any) -> Any:
@@ -145,6 +146,12 @@ class TrainConfig:
 
     grad_dtype: GradDtypeName = run_defining("fp32")
     """The gradient on the wire: 'fp32' (as backward computed it: the contract holds), or 'bf16' (rounded to bfloat16 for the all-reduce and summed in bfloat16, as DDP's bf16 compression hook does: half the bytes between nodes, but the run leaves the float contract: it matches one process to bfloat16's ~3 significant digits, not float32's; replicas still agree bit for bit). bf16 travels on the collective wire: 'auto' picks it."""
+
+    shard: ShardName = run_defining("none")
+    """What each replica holds whole: 'none' (the model, its gradient and the optimizer's state, on every replica; past two replicas on one node the shared-memory wire still shares one copy of the parameters and steps 1/W each: its sharded update), 'optimizer' (that sharded update asked for: the optimizer's state and step split over the replicas, ZeRO-1; on the shared-memory wire), 'full' (parameters, gradients and optimizer state split over the replicas by PyTorch's FSDP2, per block, on the collective wire's process group: gloo on CPUs, NCCL on GPUs; each block's parameters are gathered for its forward and backward and freed after; for models that outgrow one replica). The contract holds for each. With 'full' a replica holds the only copy of its shard: a lost replica stops the run, to resume from its last checkpoint."""
+
+    shard_blocks: Optional[str] = None
+    """With shard 'full', the units to shard, as pkg.module:fn with fn(model) returning its submodules, each gathered and freed as one (a transformer's blocks); default: the children of the model's largest nn.ModuleList or nn.Sequential, else its direct children. The Python API takes shard_blocks_fn."""
 
     address: Optional[str] = None
     """Ray cluster to join ('auto', 'host:port', 'ray://host:port'); default RAY_ADDRESS, else a local Ray on 127.0.0.1."""

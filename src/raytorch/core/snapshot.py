@@ -3,10 +3,35 @@ the replica that restores it, recovery and checkpoints alike. Pure: no Ray."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+
+def digest(tensors) -> str:
+    """SHA-256 of the tensors' bytes, in order (any dtype, bf16 too): equal digests, equal bits."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def compact(value: Any) -> Any:
+    """`value` (a tensor, or dicts, lists and tuples of them) with every tensor that views a larger
+    storage copied into one of its own size. Pickling a tensor (Ray sends a snapshot so) writes its
+    whole storage: the parameters of a sharded update are views of one model-sized buffer, so a
+    model's 16 views would travel, and be held, as 16 models (2 GiB for 128 MiB here)."""
+    if torch.is_tensor(value):
+        own = value.numel() * value.element_size()
+        return value if value.untyped_storage().nbytes() <= own else value.clone()
+    if isinstance(value, dict):
+        return {key: compact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(compact(item) for item in value)
+    return value
+
 
 # What a checkpoint file holds of a snapshot, under these keys (the step count is the file's "step").
 STATE_KEYS = ("model", "optimizer", "schedule", "rng", "scaler")

@@ -20,6 +20,7 @@ from ..core.runplan import RunPlan
 from ..core.sharding import split_batch
 from ..errors import Interrupted, ReplicaError, ReplicaLost
 from ..group.group import ReplicaGroup
+from ..output.lines import memory_line
 from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
 from ..replica.profiler import write_profiles
@@ -42,7 +43,7 @@ class EpochLoop:
         # the pipeline pauses between calls for a signal, or for a replica that found room to join (elastic)
         self.pipeline = StepPipeline(group, config, plan, output, checkpoints.kept,
                                      lambda: self.stop.requested or group.joining() or group.moving())
-        policy = RecoveryPolicy(config.min_workers, on_error=config.on_error)
+        policy = RecoveryPolicy(config.min_workers, on_error=config.on_error, sharded=config.shard == "full")
         self.recovery = Recovery(config, group, self.pipeline, output, plan, policy, self.checkpoint, checkpoints.kept)
         self.last_eval: tuple[Optional[float], Optional[float]] = (None, None)  # the last mid-epoch evaluation
         self.epoch_times: list[float] = []
@@ -214,6 +215,7 @@ class EpochLoop:
         redone, state = max(live.redone for live in group.liveness()), group.state()
         self.output.finished(at, steps, samples - self.samples_before, wall_s, group.size, pipeline.replica_samples,
                              pipeline.last_split, digests, pipeline.uneven_split())
+        self.output.say(memory_line(memory, [replica_name(rank) for rank in group.ranks]))
         profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)
         model.load_state_dict(state)
         return TrainResult(

@@ -86,7 +86,8 @@ class StepPipeline:
             # split each batch: contiguous parts, part r to replica r (near-equal, or sized so all
             # replicas finish together with --split adaptive), and plan the all-reduce of each
             # step: weights n_r / n and a route to every replica's gradient
-            if self.config.split == "adaptive" and not self.config.sync_batchnorm:  # every part: a sample
+            # every replica computes every step where they synchronize within it (BatchNorm, FSDP2): even
+            if self.config.split == "adaptive" and not (self.config.sync_batchnorm or self.config.shard == "full"):
                 self.shares = self.speeds.shares(len(chunk[0]), self.shares)
             plans, sizes, carry = plan_steps(chunk, self.group.size, self.carry, wire, first + done, self.shares)
             # replicas follow their plans: apply the previous all-reduce, compute their gradient (the

@@ -57,15 +57,22 @@ class RecoveryPolicy:
     """A replica that raises: 'retry' its step once from the survivors' state, or 'stop'."""
     max_hangs: int = MAX_HANGS
     """Times one replica may be ended as hung before it is no longer replaced."""
+    sharded: bool = False
+    """shard 'full': each replica holds the only copy of its shard, so no survivor holds the state to
+    go on from; a loss stops the run (to resume from its last checkpoint)."""
 
     def retries(self, error: Exception, workers: int) -> bool:
         """Whether a replica's error is retried: on_error 'retry', the replica known, another
         replica to take the state from. (A non-finite loss has its own policy, on_nonfinite.)"""
-        if isinstance(error, (NonFiniteError, PeerError)):
+        if isinstance(error, (NonFiniteError, PeerError)) or self.sharded:
             return False
         return self.on_error == "retry" and getattr(error, "rank", None) is not None and workers > 1
 
     def decide(self, failure: Failure) -> Decision:
+        if self.sharded:
+            return Decision(False, f"{failure.lost}: with shard 'full' each replica holds the only copy of its shard "
+                                   f"of the parameters and optimizer state, lost with it (two copies of each "
+                                   f"shard are not built yet)")
         if failure.attempt >= self.max_attempts:
             return Decision(False, f"replicas kept failing while recovering ({failure.lost})")
         previous = failure.previous

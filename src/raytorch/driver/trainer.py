@@ -36,6 +36,7 @@ from ..output.sink import RunOutput
 from ..persist.checkpoint import RunCheckpoints
 from ..persist.runfiles import claim
 from ..persist.storage import RunStorage
+from ..replica import fsdp
 from ..replica.batches import check_dataset
 from ..replica.device import resolve_device
 from ..replica.flatgrad import running_statistics
@@ -67,7 +68,7 @@ class Trainer:
                  optimizer_fn: Optional[Callable] = None, schedule_fn: Optional[Callable] = None,
                  collate_fn: Optional[Callable] = None, eval_dataset_fn: Optional[Callable] = None,
                  quiet: bool = False, resume_from: Optional[str] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), shard_blocks_fn: Optional[Callable] = None):
         named = imported_fns(config)  # pkg.module:fn in config.step, optimizer, lr_schedule
         step_fn, optimizer_fn = step_fn or named["step_fn"], optimizer_fn or named["optimizer_fn"]
         schedule_fn, collate_fn = schedule_fn or named["schedule_fn"], collate_fn or named["collate_fn"]
@@ -76,7 +77,7 @@ class Trainer:
                                          "step_fn(model, batch) -> loss for any other: one of the two")
         self.config, self.model_fn, self.loss_fn = config, model_fn, loss_fn
         self.user_fns = {"step_fn": step_fn, "optimizer_fn": optimizer_fn, "schedule_fn": schedule_fn,
-                         "collate_fn": collate_fn}
+                         "collate_fn": collate_fn, "blocks_fn": shard_blocks_fn or named["shard_blocks_fn"]}
         self.dataset_fn, self.eval_dataset_fn = dataset_fn, eval_dataset_fn
         self.quiet, self.resume_from = quiet, resume_from
         # yours first, then those the config names (mlflow, wandb, pkg.module:Class): made here, so a
@@ -138,7 +139,7 @@ class Trainer:
                                    **{name: fn for name, fn in self.user_fns.items() if fn is not None}) as group:
                     # a replica lost while starting (or restoring) is replaced and all asked again, as
                     # the policy allows: the state they load is the driver's, so nothing is lost
-                    policy = RecoveryPolicy(config.min_workers)
+                    policy = RecoveryPolicy(config.min_workers, sharded=config.shard == "full")
                     lost = until_settled(group.settle, group, policy, "starting")
                     output.replicas_started(config, group.described(), group.wire_reason)
                     # progress in replica-0's actor log, for the dashboard (not in a Tune trial: Tune reports)
@@ -196,6 +197,8 @@ class Trainer:
             with torch.no_grad():
                 for p in model.parameters():
                     p.zero_()
+        if self.config.shard == "full" and (refused := fsdp.refusal(model, self.user_fns["blocks_fn"])):
+            raise ConfigError(*refused)
         if running_statistics(model):
             output.say(batchnorm_rule(self.config))
         return model, {k: v.detach().cpu() for k, v in model.state_dict().items()}

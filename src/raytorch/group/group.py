@@ -15,10 +15,10 @@ import numpy as np
 import ray
 
 from ..config.schema import TrainConfig
-from ..core.naming import replica_name, stuck_in
+from ..core.naming import replica_name
 from ..core.snapshot import Snapshot
 from ..errors import ReplicaLost
-from ..replica.replies import Liveness, RunReport, Score
+from ..replica.replies import Liveness, Score
 from ..wire.shared_memory import SHM_DIR
 from .errors import ReplicaTimeout, gather
 from .health import Hangs, end_replica, take_errors
@@ -101,13 +101,10 @@ class ReplicaGroup:
         """Every replica applies an all-reduce on its own (Replica.apply); returns the calls' refs."""
         return [m.actor.apply.remote(reduce, *carried) for m in self.members]
 
-    def reports(self, refs: Sequence) -> list[RunReport]:
-        """The RunReports of a run call (refs from run), in wire order."""
-        return self.get(refs)
-
     def evaluate(self, parts: Sequence[np.ndarray], chunk: int) -> list[Score]:
-        """Replica p scores the eval samples at parts[p], in chunks of `chunk`."""
-        return self.get([m.actor.evaluate.remote(part, chunk) for m, part in zip(self.members, parts)])
+        """Replica p scores the eval samples at parts[p], in chunks of `chunk` (fully sharded, in `rounds`)."""
+        rounds = max(-(-len(part) // chunk) for part in parts)
+        return self.get([m.actor.evaluate.remote(part, chunk, rounds) for m, part in zip(self.members, parts)])
 
     def digests(self) -> list[str]:
         """Each replica's SHA-256 of its parameters' bytes (equal: bit-identical replicas)."""
@@ -127,11 +124,16 @@ class ReplicaGroup:
 
     def state(self) -> dict:
         """The model's state_dict (the first replica's: replicas are equal), on CPU."""
-        return self.get([self.members[0].actor.state.remote()])[0]
+        return self._first("state")
 
     def snapshot(self) -> Snapshot:
         """Everything the next steps depend on (the first replica's: replicas are equal)."""
-        return self.get([self.members[0].actor.snapshot.remote(0)])[0]
+        return self._first("snapshot", 0)
+
+    def _first(self, method: str, *args):
+        """The first replica's answer; fully sharded, every replica takes part (gathered onto the first)."""
+        takers = self.members if self.config.shard == "full" else self.members[:1]
+        return self.get([getattr(m.actor, method).remote(*args) for m in takers])[0]
 
     def positions(self, ranks: Sequence[int]) -> list[int]:
         """Steps applied by each of `ranks` (after the calls queued before)."""
@@ -154,13 +156,9 @@ class ReplicaGroup:
             try:
                 return gather(self.actors, refs, timeout=limit)
             except ReplicaTimeout as timed_out:
-                hung, _ = self.hangs.find(self.members)
-                if hung:
-                    self.hangs.end(self.members, hung)
-                    names = ", ".join(f"{name} ({why}{stuck_in(self.hangs.stacks.get(name))})"
-                                      for name, why in ((replica_name(self.members[p].rank), why) for p, why in hung))
-                    raise ReplicaLost(f"{names}: treated as dead after step_timeout "
-                                      f"{self.config.step_timeout:g} s") from timed_out
+                lost = self.hangs.lost(self.members)
+                if lost is not None:
+                    raise lost from timed_out
                 # every replica answers and none is stuck in a step: slow, not hung; wait on
 
     def drain(self, refs: Sequence, timeout: Optional[float] = None) -> None:
@@ -193,7 +191,8 @@ class ReplicaGroup:
         at its step. ReplicaLost where one is lost meanwhile (the driver has it replaced, and asks again)."""
         shared = ray.put(snapshot)
         self.get([m.actor.restore.remote(shared) for m in self.members])
-        self.rewire()
+        if self.config.shard != "full":  # FSDP2's group holds no step: the shards stay where they are
+            self.rewire()
 
     def end(self, ranks: Sequence[int]) -> None:
         """End live replicas `ranks` (one that raised, to be replaced); their peers stop waiting for them."""
@@ -216,8 +215,9 @@ class ReplicaGroup:
         return member
 
     def moving(self) -> bool:
-        """Whether a stand-in for a replica on a draining node is built (polled between calls)."""
-        return self.roster.moving()
+        """Whether a stand-in for a replica on a draining node is built (polled between calls); fully
+        sharded, never: a stand-in cannot take a shard over yet (the replica is lost with its node)."""
+        return self.config.shard != "full" and self.roster.moving()
 
     def move(self) -> list[str]:
         """Each built stand-in takes the place of the replica it stands in for, with its state, on a

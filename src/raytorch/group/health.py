@@ -14,7 +14,8 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..core.naming import replica_name
+from ..core.naming import replica_name, stuck_in
+from ..errors import ReplicaLost
 from ..replica.replies import ReplicaInfo
 from .records import Member
 
@@ -59,6 +60,17 @@ class Hangs:
         """End the hung replicas (positions, with why), their Python stacks kept first."""
         for position, _ in hung:
             self.stacks[replica_name(members[position].rank)] = end_hung(members, position)
+
+    def lost(self, members: Sequence[Member]) -> Optional[ReplicaLost]:
+        """Where some of `members` are hung: end them (find, end) and the ReplicaLost naming them,
+        with where each was stuck; None where none is (slow, not hung)."""
+        hung, _ = self.find(members)
+        if not hung:
+            return None
+        self.end(members, hung)
+        names = ", ".join(f"{name} ({why}{stuck_in(self.stacks.get(name))})"
+                          for name, why in ((replica_name(members[p].rank), why) for p, why in hung))
+        return ReplicaLost(f"{names}: treated as dead after step_timeout {self.step_timeout:g} s")
 
     def take(self) -> dict[str, Optional[str]]:
         """The stacks kept since the last take, by replica name."""

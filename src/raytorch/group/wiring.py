@@ -4,7 +4,7 @@ wire with its reasons, and the calls that connect every replica to it."""
 from __future__ import annotations
 
 from ..config.schema import TrainConfig
-from ..errors import ClusterError
+from ..errors import ClusterError, ConfigError
 from ..replica.device import whole_gpus
 from ..replica.replies import ReplicaInfo
 from ..wire.choice import choose, shared_memory_shortfall
@@ -17,7 +17,8 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[ReplicaInfo], pr
     A collective group's operations time out PEER_TIMEOUT_S past step_timeout: the driver finds a
     hung replica (and names it) before its peers' all-reduce gives up on it."""
     on_gpus = whole_gpus(config, [info.rank for info in infos])
-    group = ("sync_batchnorm: batch statistics and gradients" if config.sync_batchnorm else
+    group = ("shard full: FSDP2 gathers parameters and reduce-scatters gradients" if config.shard == "full" else
+             "sync_batchnorm: batch statistics and gradients" if config.sync_batchnorm else
              "grad_dtype bf16: gradients in bfloat16" if config.grad_dtype == "bf16" else None)
     try:
         wire, why = choose(config.reduction, len({info.node_id for info in infos}),
@@ -37,7 +38,9 @@ def connect_wire(config: TrainConfig, actors: list, infos: list[ReplicaInfo], pr
     else:
         shared = gather(actors, [a.share_memory.remote(prefix, p, len(actors)) for p, a in enumerate(actors)])
         paths, unsharded = [replica_paths for replica_paths, _ in shared], shared[0][1]
-        if len(actors) > 2:  # the same config everywhere: the same answer
+        if config.shard == "optimizer" and unsharded not in (None, "one replica"):
+            raise ConfigError("shard", f"'optimizer' cannot shard this run's update: {unsharded}; set shard to 'none'")
+        if len(actors) > 2 or config.shard == "optimizer":  # the same config everywhere: the same answer
             why += ("; each replica steps its own 1/W of the parameters and optimizer state (sharded update)"
                     if unsharded is None
                     else f"; every replica steps all the parameters ({unsharded})")

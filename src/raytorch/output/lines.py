@@ -102,3 +102,17 @@ def restarts_line(restarts: list[dict]) -> str:
                           + (f", continued without {', '.join(r['dropped'])}" if r["dropped"] else "")
                           for r in restarts)
     return f"restarts: {len(restarts)} ({described})"
+
+
+def memory_line(memory: list[dict[str, int]], names: list[str]) -> str:
+    """Each replica's peak memory above an idle replica's (RSS; on a GPU, its peak allocated) and
+    the training state it holds (parameters, gradient, optimizer state: Replica.memory), in MiB."""
+    mib = 2**20
+
+    def one(name: str, m: dict[str, int]) -> str:
+        held = m.get("params", 0) + m.get("grad", 0) + m.get("optimizer", 0)
+        peak = m["peak_gpu"] if "peak_gpu" in m else m.get("peak_above_baseline", 0)
+        return f"{name} {peak / mib:,.0f} MiB (holding {held / mib:,.1f} MiB of training state)"
+
+    where = "allocated on the GPU" if any("peak_gpu" in m for m in memory) else "RSS above an idle replica"
+    return f"peak memory per replica ({where}): " + ", ".join(one(n, m) for n, m in zip(names, memory))

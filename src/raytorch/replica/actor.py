@@ -28,7 +28,7 @@ from ..wire.sharded import ShardedUpdate, release
 from .device import replica_device
 from .learner import Learner
 from .metrics import ReplicaMetrics
-from .process import assigned_gpus, prepare_process, proportional_set_size, to_actor_log
+from .process import assigned_gpus, measured_memory, peak_bytes, prepare_process, to_actor_log
 from .replies import Liveness, ReplicaInfo, RunReport, Score, StepSeconds
 from .wiring import collective_rendezvous, collective_wire, shared_memory_report, shared_wire
 
@@ -64,7 +64,7 @@ class Replica:
                  run_name: str = "", **user_fns: Optional[Callable]):
         """user_fns: step_fn, optimizer_fn, schedule_fn, collate_fn where given (see Learner)."""
         self.rank, self.run_name = rank, run_name  # rank names the replica (replica-<rank>) for good
-        self.baseline_pss = prepare_process(config.cpus_per_replica)  # this process before any model
+        self.baseline = prepare_process(config.cpus_per_replica)  # this process before any model
         self.steps = 0  # updates applied: the gradient computed next belongs to this global step
         self.computed, self.redone = -1, 0  # the latest step it computed a gradient of; those computed again
         self.on_nonfinite = config.on_nonfinite
@@ -82,9 +82,8 @@ class Replica:
     device = property(lambda self: self.learner.device)
 
     def __repr__(self) -> str:
-        learner = getattr(self, "learner", None)  # Ray calls this even where __init__ failed half way
-        return (f"Replica(rank={getattr(self, 'rank', '?')}, device={learner.device if learner else '?'}, "
-                f"run={getattr(self, 'run_name', '?')})")
+        device = getattr(getattr(self, "learner", None), "device", "?")  # Ray calls this where __init__ failed too
+        return f"Replica(rank={getattr(self, 'rank', '?')}, device={device}, run={getattr(self, 'run_name', '?')})"
 
     def ready(self) -> ReplicaInfo:
         """Where this replica runs: answered once it is fully built."""
@@ -116,7 +115,7 @@ class Replica:
             seconds.append(StepSeconds(compute_s, max(0.0, busy - compute_s)))
             losses.append(loss)
         if self.metrics and applied:
-            self.metrics.allreduced(reducing / applied)
+            self.metrics.allreduced(reducing / applied, peak_bytes(self.device))
         return handoff, RunReport(losses, seconds, self.learner.draws.untold())
 
     @_reported
@@ -129,19 +128,21 @@ class Replica:
         """This step's gradient over `indices`, published: (the handoff, the local loss, compute
         seconds). The loss is NaN where it or the gradient is not finite, so that peers see it too
         (on_nonfinite 'stop' raises NonFiniteError instead)."""
-        if len(indices) == 0:
+        if len(indices) == 0 and not self.learner.full:
             return None, None, 0.0
         into = self.wire.target(self.steps)
         self.redone += self.steps <= self.computed  # after a loss: a step this replica had computed already
         self.computed = max(self.computed, self.steps)
         loss, what = self.learner.gradient(indices, share, into, self.steps)
-        if what is not None:
+        if what is not None and len(indices):
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(f"replica {self.rank}: non-finite {what} at step {self.steps}", rank=self.rank,
                                      step=self.steps)
             loss = math.nan
-        handed = self.learner.staging if into is None else into
-        return self.wire.publish(handed, self.steps, loss), loss, self.learner.compute_s
+        if len(indices) == 0:  # fully sharded: it took part in FSDP2's collectives, with nothing to add
+            return None, None, self.learner.compute_s
+        return self.wire.publish(self.learner.staging if into is None else into, self.steps, loss), loss, \
+            self.learner.compute_s
 
     def _apply(self, reduce, grads) -> float:
         """Sum the routed gradients, step; returns the seconds the all-reduce took (waits included)."""
@@ -209,9 +210,9 @@ class Replica:
         self.wire.unlink()
 
     @_reported
-    def evaluate(self, indices: np.ndarray, chunk: int) -> Score:
+    def evaluate(self, indices: np.ndarray, chunk: int, rounds: int = 0) -> Score:
         """Eval loss (and a classifier's accuracy) over the eval samples at `indices` (Learner.evaluate)."""
-        return Score(*self.learner.evaluate(indices, chunk))
+        return Score(*self.learner.evaluate(indices, chunk, rounds))
 
     @ray.method(concurrency_group="health")  # its own thread: answers while a step runs or waits
     def ping(self, progress: str = "") -> Liveness:
@@ -244,10 +245,9 @@ class Replica:
         return {"rank": self.rank, **self.learner.profiler.report()}
 
     def memory(self) -> dict[str, int]:
-        """Bytes this replica holds: its buffers by size, and its measured memory above the baseline."""
-        held = self.learner.memory()
-        return {**held, "wire_buffers": self.wire.buffer_bytes,
-                "pss_above_baseline": proportional_set_size() - self.baseline_pss}
+        """Bytes this replica holds, by kind, and its measured memory (process.measured_memory)."""
+        return {**self.learner.memory(), "wire_buffers": self.wire.buffer_bytes, **measured_memory(self.baseline,
+                                                                                                    self.device)}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The model's state_dict, on CPU."""

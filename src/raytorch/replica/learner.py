@@ -5,7 +5,6 @@ gradient, evaluates, and takes or loads a snapshot. Plain PyTorch: no Ray, no wi
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import warnings
@@ -17,13 +16,14 @@ from torch import nn
 
 from ..config.schema import TrainConfig
 from ..core.sharding import steps_per_epoch
-from ..core.snapshot import Snapshot
+from ..core.snapshot import Snapshot, compact, digest
 from ..data.datasets import Prefetcher, fetch
 from ..errors import ConfigError
+from . import fsdp
 from .batches import SupervisedStep, checked_loss, describe, pin_memory, to_device
 from .device import autocast
 from .draws import ForwardDraws
-from .evaluation import evaluate
+from .evaluation import STAND_IN, evaluate
 from .flatgrad import FlatGradient, host_buffers, with_spare
 from .optim import make_optimizer, make_schedule
 from .profiler import StepProfiler
@@ -32,10 +32,7 @@ from .syncbn import convert
 
 def state_digest(model: nn.Module) -> str:
     """SHA-256 of the parameters' and buffers' bytes: equal digests mean bit-identical replicas."""
-    h = hashlib.sha256()
-    for t in model.state_dict().values():  # parameters and buffers (BatchNorm's statistics)
-        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-    return h.hexdigest()
+    return digest(model.state_dict().values())  # parameters and buffers (BatchNorm's statistics)
 
 
 def load_initial(model: nn.Module, init_state: dict) -> None:
@@ -49,16 +46,38 @@ def load_initial(model: nn.Module, init_state: dict) -> None:
                                       f"it deterministic, the same parameters in every process") from e
 
 
+class WholeState:
+    """A replica's state where it holds the whole model: its model's and optimizer's state_dicts,
+    each tensor in a storage of its own (compact: under a sharded update they view shared buffers)."""
+
+    @staticmethod
+    def model(model: nn.Module) -> dict[str, torch.Tensor]:
+        return compact({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    @staticmethod
+    def optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return compact(optimizer.state_dict())
+
+    @staticmethod
+    def load(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: Snapshot) -> None:
+        model.load_state_dict(snapshot.model)
+        optimizer.load_state_dict(snapshot.optimizer)
+
+    digest = staticmethod(state_digest)
+
+
 class Learner:
     """The model, optimizer, schedule and loss scaler of one replica, on `device`."""
 
     def __init__(self, config: TrainConfig, device: torch.device, model_fn: Callable[[], nn.Module],
                  loss_fn: Optional[Callable], init_state: dict, train_set, eval_set, total_steps: int, *,
                  step_fn: Optional[Callable] = None, optimizer_fn: Optional[Callable] = None,
-                 schedule_fn: Optional[Callable] = None, collate_fn: Optional[Callable] = None):
+                 schedule_fn: Optional[Callable] = None, collate_fn: Optional[Callable] = None,
+                 blocks_fn: Optional[Callable] = None):
         """step_fn(model, batch) -> loss, or else loss_fn(model(x), y) on (x, y) batches;
         optimizer_fn(model) and schedule_fn(optimizer, total_steps), or else config's by name;
-        collate_fn(items) -> batch, or else default_collate."""
+        collate_fn(items) -> batch, or else default_collate; blocks_fn(model) -> the units shard
+        'full' shards (fsdp.default_blocks otherwise)."""
         self.device = device
         # seeded as the driver's: whatever model_fn draws beyond its state_dict (a non-persistent
         # buffer, random features) is what the driver's model holds, in every replica
@@ -81,17 +100,16 @@ class Learner:
         self.flat_grad = self.grads.flat
         self.host_buffer, self.staging = host_buffers(self.flat_grad)
         self.host_grad = self.staging if self.device.type == "cpu" else self.host_buffer[:self.flat_grad.numel()]
-        self.optimizer = (optimizer_fn(self.model) if optimizer_fn is not None else
-                          make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay))
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer_fn(model) must return a torch.optim.Optimizer, got {describe(self.optimizer)}")
+        self.make_optimizer = lambda: self._optimizer(config, optimizer_fn, schedule_fn, total_steps)
+        self.make_optimizer()
+        self.shard, self.blocks_fn = config.shard, blocks_fn
+        self.states = WholeState  # how its state is taken and loaded
+        self.full = False  # fully sharded (shard_fully): FSDP2 holds this replica's shard of everything
         self.grad_clip, self.accumulate = config.grad_clip, config.accumulate
         self.precision = config.precision
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if self.scaler is not None:
             self.scaler.scale(torch.ones((), device=self.device))  # creates its scale now: a replica may sit out step 0
-        self.schedule = (schedule_fn(self.optimizer, total_steps) if schedule_fn is not None else
-                         make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps))
         # A skipped update (fp16 overflow, on_nonfinite 'skip') still steps the schedule, on purpose:
         # PyTorch's warning about a schedule step without an optimizer step does not apply.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -101,6 +119,15 @@ class Learner:
         self.computing_since: Optional[float] = None  # set while a forward and backward run
         self.compute_s = 0.0  # the last gradient's forward and backward (and its check)
         self.profiler = StepProfiler(config.profile_range, device)  # times each step's phases; traces profile_steps
+
+    def _optimizer(self, config: TrainConfig, optimizer_fn, schedule_fn, total_steps: int) -> None:
+        """The optimizer and schedule over the model's parameters as they are now."""
+        self.optimizer = (optimizer_fn(self.model) if optimizer_fn is not None else
+                          make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay))
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer_fn(model) must return a torch.optim.Optimizer, got {describe(self.optimizer)}")
+        self.schedule = (schedule_fn(self.optimizer, total_steps) if schedule_fn is not None else
+                         make_schedule(config.schedule, self.optimizer, total_steps, config.warmup_steps))
 
     def reduce_on_device(self) -> None:
         """All-reduce on the device (NCCL): the "host" buffers become the flat gradient itself."""
@@ -127,13 +154,16 @@ class Learner:
             last = k == len(micros) - 1
             # the last micro-batch's backward gathers each gradient as it is final
             self.grads.gather_into(gathered if last else None)
+            # fully sharded, a replica without samples takes part with sample 0, weighted 0 (FSDP2's
+            # all-gathers and reduce-scatters need every replica in every forward and backward)
+            weight, micro = (len(micro) / len(indices), micro) if len(micro) else (0.0, STAND_IN)
             with self.profiler.phase("fetch", step):
                 batch = to_device(self.loader.get(self.train_set, micro, self.key(step)) if self.loader
                                   else fetch(self.train_set, micro, self.key(step), self.collate),
                                   self.device)
             with self.profiler.phase("forward_backward", step):
                 with autocast(self.device, self.precision), self.draws.forward(step, micro):
-                    loss = checked_loss(self.step(self.forward, batch)) * (len(micro) / len(indices))
+                    loss = checked_loss(self.step(self.forward, batch)) * weight
                 if last:  # BatchNorm's running statistics are final: weighted as the gradient will come
                     self.grads.put_statistics(gathered, share if self.prescaled or self.scaler is not None else 1.0)
                 if self.scaler is None:
@@ -155,7 +185,10 @@ class Learner:
         return value, what
 
     def micro_batches(self, indices: np.ndarray) -> list[np.ndarray]:
-        """A part's micro-batches (accumulate > 1), each of near-equal size."""
+        """A part's micro-batches (accumulate > 1), each of near-equal size (fully sharded: always
+        `accumulate`, empty ones standing in for samples this replica lacks)."""
+        if self.full:  # every replica runs as many (FSDP2's collectives pair up): some may be empty
+            return np.array_split(indices, self.accumulate)
         return [indices] if self.accumulate == 1 else np.array_split(indices, min(self.accumulate, len(indices)))
 
     def ahead(self, indices: np.ndarray, step: int) -> None:
@@ -198,13 +231,13 @@ class Learner:
             self.schedule.step()
         self.profiler.applied(step)
 
-    def evaluate(self, indices: np.ndarray, chunk: int) -> tuple[float | None, float | None]:
+    def evaluate(self, indices: np.ndarray, chunk: int, rounds: int = 0) -> tuple[float | None, float | None]:
         """Mean loss (and a classifier's accuracy) over the eval samples at `indices`: evaluation.py."""
-        return evaluate(self, indices, chunk)
+        return evaluate(self, indices, chunk, rounds if self.full else 0)
 
     def snapshot(self, steps: int, losses: dict[int, float]) -> Snapshot:
         """This state after `steps` updates, with the given losses of applied steps."""
-        return Snapshot(model=self.state(), optimizer=self.optimizer.state_dict(),
+        return Snapshot(model=self.state(), optimizer=self.states.optimizer(self.model, self.optimizer),
                         schedule=self.schedule.state_dict(), rng=torch.get_rng_state(),
                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
                         steps=steps, losses=losses)
@@ -212,8 +245,7 @@ class Learner:
     def restore(self, snapshot: Snapshot) -> None:
         if self.loader is not None:
             self.loader.clear()  # fetched ahead for steps this state may not take next
-        self.model.load_state_dict(snapshot.model)
-        self.optimizer.load_state_dict(snapshot.optimizer)
+        self.states.load(self.model, self.optimizer, snapshot)
         self.schedule.load_state_dict(snapshot.schedule)
         torch.set_rng_state(snapshot.rng)
         if self.scaler is not None and snapshot.scaler:
@@ -221,17 +253,14 @@ class Learner:
         self.profiler.from_step(snapshot.steps)  # the steps from there on run again
 
     def memory(self) -> dict[str, int]:
-        """Bytes of the parameters, the flat gradient and the optimizer's state."""
-        return {
-            "params": sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            "grad": self.flat_grad.numel() * self.flat_grad.element_size(),
-            "optimizer": sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
-                             for t in state.values() if torch.is_tensor(t)),
-        }
+        """Bytes this replica holds of the parameters, the gradient and the optimizer's state."""
+        grads = [p.grad for p in self.grads.params] if self.full else [self.flat_grad]
+        return {"params": fsdp.nbytes(self.model.parameters()), "grad": fsdp.nbytes(grads),
+                "optimizer": fsdp.nbytes(t for state in self.optimizer.state.values() for t in state.values())}
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The model's state_dict, on CPU."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The model's state_dict, on CPU (WholeState; fully sharded, fsdp.ShardedState)."""
+        return self.states.model(self.model)
 
     def digest(self) -> str:
-        return state_digest(self.model)
+        return self.states.digest(self.model)

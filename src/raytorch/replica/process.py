@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import NamedTuple
 
 import ray
+import torch
 
 from .device import torch_threads
 
@@ -18,6 +20,36 @@ def proportional_set_size() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
     except (OSError, StopIteration):
         return 0
+
+
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM: the peak RSS), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class Baseline(NamedTuple):
+    """This process's memory before any model: what a replica's figures are measured above."""
+
+    pss: int
+    rss: int
+
+
+def peak_bytes(device: torch.device) -> int:
+    """This replica's peak memory so far: allocated on its GPU, else its process's peak RSS."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM")
+
+
+def measured_memory(baseline: Baseline, device: torch.device) -> dict[str, int]:
+    """This replica's measured memory: PSS above its baseline now, its peak RSS and that peak
+    above the baseline's RSS (an idle replica's), and on a GPU the peak of its allocated memory."""
+    peak = status_bytes("VmHWM")
+    gpu = {"peak_gpu": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+    return {"pss_above_baseline": proportional_set_size() - baseline.pss, "peak_rss": peak,
+            "peak_above_baseline": peak - baseline.rss, **gpu}
 
 
 def assigned_gpus() -> list[str]:
@@ -42,13 +74,13 @@ def keep_freed_memory() -> None:
     libc.mallopt(trim_threshold, ctypes.c_int(2**31 - 1))
 
 
-def prepare_process(cpus_per_replica: float) -> int:
+def prepare_process(cpus_per_replica: float) -> Baseline:
     """Set this process up for a replica (PyTorch's optimizer modules loaded, freed memory kept,
-    torch's threads); returns its memory then (PSS): the baseline before any model."""
+    torch's threads); returns its memory then: the baseline before any model."""
     import torch._dynamo  # noqa: F401  (any torch.optim optimizer imports it: ~70 MB of PyTorch's own)
 
     keep_freed_memory()
-    baseline = proportional_set_size()  # this process with PyTorch loaded, before any model
+    baseline = Baseline(proportional_set_size(), status_bytes("VmRSS"))  # PyTorch loaded, no model yet
     torch.set_num_threads(torch_threads(cpus_per_replica))
     return baseline
 

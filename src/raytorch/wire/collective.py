@@ -108,17 +108,14 @@ class CollectiveWire:
     waited = 0.0  # the all-reduce waits inside gloo: counted as the replica's own (fixed) work
 
     def __init__(self, position: int, world: int, address: str, port: int, timeout_s: float, buffer: torch.Tensor,
-                 bounds: Sequence[tuple[int, int]], backend: str = "gloo", wire_dtype: Optional[torch.dtype] = None):
+                 bounds: Sequence[tuple[int, int]], backend: str = "gloo", wire_dtype: Optional[torch.dtype] = None,
+                 joined: bool = False):
         """`buffer`: the replica's gradient and one element more (its host buffer), `bounds`
         each parameter's place in it. On a CPU replica, or with NCCL, it is the gradient itself:
         all-reduced in place, bucket by bucket as backward fills it (`ready`); `wire_dtype`: see
-        Buckets."""
-        close()  # the previous generation's group, if any
-        device = {"device_id": buffer.device} if backend == "nccl" else {}
-        if backend == "nccl":
-            torch.cuda.set_device(buffer.device)
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
-                                timeout=timedelta(seconds=timeout_s), **device)
+        Buckets; `joined`: the group is joined already (join)."""
+        if not joined:
+            join(position, world, address, port, timeout_s, backend, buffer.device)
         self.position, self.buffer, self.backend = position, buffer, backend
         self.buckets = Buckets(bounds, buffer, wire_dtype)
         self.ready = self.buckets.ready
@@ -167,6 +164,18 @@ class CollectiveWire:
         health thread, while the step thread may wait in the all-reduce)."""
         if self.backend == "nccl" and dist.is_initialized():
             dist.distributed_c10d._abort_process_group()
+
+
+def join(position: int, world: int, address: str, port: int, timeout_s: float, backend: str,
+         device: torch.device) -> None:
+    """Join a (fresh) process group of `world` at `position`, meeting at address:port; the previous
+    generation's group, if any, is closed first."""
+    close()
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    on = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=position, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **on)
 
 
 def close() -> None:
