@@ -5,6 +5,7 @@
     python scripts/bench.py --workloads mlp --rounds 1 --json bench.json
     python scripts/bench.py --allreduce            # the all-reduce alone, W = 2, 4, 8 (benchmarks/allreduce.py)
     python scripts/bench.py --dropout              # what placing dropout per sample costs a step
+    python scripts/bench.py --memory --json docs/bench-sharding.json   # shard none/optimizer/full vs FSDP2
 
 Ray Train needs the `bench` extra (pip install -e '.[bench]'); without it that column is skipped.
 Same model, data order, global batch and SGD everywhere; every distributed worker gets 1 torch
@@ -57,6 +58,10 @@ def main() -> int:
                         help="only dropout placed per sample: ms per forward and backward with torch's dropout vs "
                              "within raytorch.seeded_forward, an MLP and a transformer, one process "
                              "(benchmarks/dropout.py)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only sharding: peak memory per replica and steps/s of shard none, optimizer, full at "
+                             "W = 2 and 4 (a 33.6 M-parameter model, Adam) beside PyTorch FSDP2 run by torchrun "
+                             "(benchmarks/sharding.py)")
     parser.add_argument("--multinode", action="store_true",
                         help="only the multi-node case: a loopback cluster of 4 one-CPU nodes, 4 replicas, raytorch's "
                              "object-store and collective wires (fp32 and bf16 gradients) vs Ray Train "
@@ -77,6 +82,12 @@ def main() -> int:
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}})
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    if args.memory:
+        import sharding
+
+        save({"sharding": sharding.main()}, args.json)
+        ray.shutdown()
+        return 0
     if args.allreduce:
         import allreduce
 

@@ -50,7 +50,7 @@ class EpochLoop:
         self.epoch_started: Optional[float] = None
         # samples_before: a resumed run's samples before it, not this run's to time
         self.fit_started, self.first_step_s, self.samples_before = fit_started, 0.0, self.done()[1]
-        self.pipeline.after_next_step(self._first_step)
+        self.pipeline.after_next_step(lambda now: setattr(self, "first_step_s", now - self.fit_started))
         for record in lost_before:  # replicas lost while starting or restoring: replaced before any step
             at.restarts.append(record)
             output.lost_before_training(record)
@@ -215,7 +215,7 @@ class EpochLoop:
         redone, state = max(live.redone for live in group.liveness()), group.state()
         self.output.finished(at, steps, samples - self.samples_before, wall_s, group.size, pipeline.replica_samples,
                              pipeline.last_split, digests, pipeline.uneven_split())
-        self.output.say(memory_line(memory, [replica_name(rank) for rank in group.ranks]))
+        self.output.say(memory_line(memory, group.ranks))
         profile = write_profiles(self.output.run_dir_path, self.config.profile_range, profiles, self.output.say)
         model.load_state_dict(state)
         return TrainResult(
@@ -228,6 +228,3 @@ class EpochLoop:
     def abandon(self) -> None:
         """The run stops on an error: the calls still in flight fail too; take their errors quietly."""
         self.pipeline.drain(timeout=5.0)
-
-    def _first_step(self, now: float) -> None:
-        self.first_step_s = now - self.fit_started

@@ -10,6 +10,7 @@ import torch
 
 from ..config.imports import is_import_path
 from ..config.schema import TrainConfig
+from ..core.naming import replica_name
 
 
 def is_scalar_linear(state: Mapping[str, torch.Tensor]) -> bool:
@@ -104,7 +105,7 @@ def restarts_line(restarts: list[dict]) -> str:
     return f"restarts: {len(restarts)} ({described})"
 
 
-def memory_line(memory: list[dict[str, int]], names: list[str]) -> str:
+def memory_line(memory: list[dict[str, int]], ranks: list[int]) -> str:
     """Each replica's peak memory above an idle replica's (RSS; on a GPU, its peak allocated) and
     the training state it holds (parameters, gradient, optimizer state: Replica.memory), in MiB."""
     mib = 2**20
@@ -115,4 +116,4 @@ def memory_line(memory: list[dict[str, int]], names: list[str]) -> str:
         return f"{name} {peak / mib:,.0f} MiB (holding {held / mib:,.1f} MiB of training state)"
 
     where = "allocated on the GPU" if any("peak_gpu" in m for m in memory) else "RSS above an idle replica"
-    return f"peak memory per replica ({where}): " + ", ".join(one(n, m) for n, m in zip(names, memory))
+    return f"peak memory per replica ({where}): " + ", ".join(one(replica_name(r), m) for r, m in zip(ranks, memory))

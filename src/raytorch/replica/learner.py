@@ -96,7 +96,9 @@ class Learner:
         pin = pin_memory if device.type == "cuda" else None  # copies to the GPU without blocking
         self.collate = collate_fn
         self.loader = Prefetcher(config.loader_workers, pin, collate_fn) if config.loader_workers else None
-        self.grads = FlatGradient(self.model, self.device, check=config.precision != "fp16")
+        # fully sharded, FSDP2's shards take the gradient once the group is joined: no model-sized buffer
+        self.grads = (fsdp.ShardedGradient(self.model, self.device) if config.shard == "full" else
+                      FlatGradient(self.model, self.device, check=config.precision != "fp16"))
         self.flat_grad = self.grads.flat
         self.host_buffer, self.staging = host_buffers(self.flat_grad)
         self.host_grad = self.staging if self.device.type == "cpu" else self.host_buffer[:self.flat_grad.numel()]
