@@ -145,6 +145,21 @@ def main() -> int:
                      ">= 0.9x", ours >= 0.9 * plain or args.dry))  # a dry run times nothing worth judging
         rows.append((f"{name}: 2 replicas sharing the card", f"{shared:.1f} steps/s", "runs", True))
         details[name] = {"plain_steps_per_s": plain, "raytorch_1_steps_per_s": ours, "raytorch_2_steps_per_s": shared}
+
+    # 4. shard full (FSDP2 on NCCL, one whole-GPU replica) against none on the same card: the result,
+    # the replica's peak allocated memory, steps/s (the second epoch: warm)
+    workload, n = WORKLOADS["25m"], max(4, int(40 * scale))
+    sharded = {shard: raytorch_run(workload, device, n, workers=1, epochs=2, shard=shard, reduction="collective")
+               for shard in ("none", "full")}
+    error = max(((a.detach() - e.detach()).norm() / e.detach().norm()).item()
+                for a, e in zip(sharded["full"].model.parameters(), sharded["none"].model.parameters()))
+    rows.append(("shard full vs none, 25m, 1 replica (NCCL)", f"rel. error {error:.2e}", "< 1e-4", error < 1e-4))
+    peak = {shard: run.replica_memory[0].get("peak_gpu", run.replica_memory[0]["peak_above_baseline"])
+            for shard, run in sharded.items()}
+    rate = {shard: n / run.epoch_times_s[-1] for shard, run in sharded.items()}
+    rows.append(("shard full vs none: peak memory, steps/s", f"{peak['full'] / 2**20:.0f} vs {peak['none'] / 2**20:.0f}"
+                 f" MiB, {rate['full']:.1f} vs {rate['none']:.1f}", "runs", True))
+    details["shard"] = {"peak_bytes": peak, "steps_per_s": rate, "rel_error": error}
     ray.shutdown()
 
     details["rows"] = [dict(zip(("check", "measured", "target", "ok"), r)) for r in rows]

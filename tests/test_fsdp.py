@@ -66,7 +66,8 @@ def test_what_full_sharding_refuses_on_the_model():
 @pytest.mark.parametrize("changes, field", [
     ({"reduction": "object_store"}, "reduction"), ({"reduction": "shared_memory"}, "reduction"),
     ({"precision": "fp16"}, "precision"), ({"spares": 1}, "spares"), ({"max_workers": 3}, "max_workers"),
-    ({"sync_batchnorm": True}, "sync_batchnorm"), ({"grad_dtype": "bf16"}, "grad_dtype"), ({"compile": True}, "compile"),
+    ({"sync_batchnorm": True}, "sync_batchnorm"), ({"grad_dtype": "bf16"}, "grad_dtype"),
+    ({"compile": True}, "compile"),
 ])
 def test_full_sharding_refuses_what_it_cannot_carry_in_one_line(changes, field):
     with pytest.raises(ConfigError, match=f"^{field}: with shard 'full': ") as raised:
